@@ -1,0 +1,26 @@
+"""esx: EGGROLL low-rank evolution strategies in JAX.
+
+The public API (everything else is internal):
+
+* strategies: :func:`eggroll`, :func:`open_es` -> :class:`Strategy` (``init / ask / view / evaluate / tell``),
+  the free :func:`step`, the state :class:`State` and :class:`Metrics`;
+* model-side ops: :func:`dense`, :func:`embed`, :func:`value` and the perturbed leaves :class:`LowRank`,
+  :class:`Full`;
+* :mod:`esx.shaping` (fitness is higher-is-better), :mod:`esx.labels`, :mod:`esx.noise`.
+
+Only jax, optax and numpy are imported here.
+"""
+from esx import labels, noise, shaping
+from esx.eggroll import eggroll
+from esx.labels import FROZEN, FULL, LOWRANK, make_labels
+from esx.open_es import open_es
+from esx.ops import Full, LowRank, dense, embed, value
+from esx.strategy import Config, Metrics, Population, State, Strategy, paper_learning_rate, step
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Config", "FROZEN", "FULL", "Full", "LOWRANK", "LowRank", "Metrics", "Population", "State",
+    "Strategy", "dense", "eggroll", "embed", "labels", "make_labels", "noise", "open_es",
+    "paper_learning_rate", "shaping", "step", "value",
+]

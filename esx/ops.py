@@ -1,0 +1,151 @@
+"""Model-side ops that work on plain arrays and on perturbed leaves.
+
+Write the model once with :func:`dense`, :func:`embed` and :func:`value`; called on plain arrays they are the
+ordinary operations, called on the member views that :func:`esx.Strategy.evaluate` builds they add the member's
+perturbation without ever forming a per-member ``m×n`` matrix for low-rank leaves:
+
+* :class:`LowRank` -- ``W + c · A Bᵀ`` with ``A: [m, r]``, ``B: [n, r]`` and ``c = σ s / √r`` (``s = ±1``, the
+  antithetic sign). ``dense`` costs the shared product plus ``O(r (m + n))`` per input row.
+* :class:`Full` -- ``W + c · ε`` with ``c = σ s`` (non-matrix leaves, and every leaf of ``open_es``).
+
+Both are pytrees, so stacked layers can be sliced by ``lax.scan``: ``c`` has the shape of the stack axes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+Layout = Literal["in_out", "out_in"]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LowRank:
+    """A low-rank perturbed matrix ``base + coef · a bᵀ``.
+
+    Attributes:
+      base: ``float[*stack, m, n]`` the unperturbed parameter (shared by the whole population).
+      a: ``float[*stack, m, r]``.
+      b: ``float[*stack, n, r]``.
+      coef: ``float[*stack]`` equal to ``σ s / √r``.
+    """
+
+    base: jax.Array
+    a: jax.Array
+    b: jax.Array
+    coef: jax.Array
+
+    @property
+    def shape(self):
+        return self.base.shape
+
+    @property
+    def dtype(self):
+        return self.base.dtype
+
+    @property
+    def ndim(self):
+        return self.base.ndim
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Full:
+    """A full-rank perturbed leaf ``base + coef · eps``.
+
+    Attributes:
+      base: ``float[*shape]``.
+      eps: ``float[*shape]``.
+      coef: scalar ``σ s``.
+    """
+
+    base: jax.Array
+    eps: jax.Array
+    coef: jax.Array
+
+    @property
+    def shape(self):
+        return self.base.shape
+
+    @property
+    def dtype(self):
+        return self.base.dtype
+
+    @property
+    def ndim(self):
+        return self.base.ndim
+
+
+def _check_matrix(w, name: str) -> None:
+    if w.ndim != 2:
+        raise ValueError(
+            f"{name}: expected a 2-D weight, got shape {w.shape}; slice stacked layers first "
+            "(for example with lax.scan over the leading axis)"
+        )
+
+
+def dense(x: jax.Array, w, *, layout: Layout = "in_out") -> jax.Array:
+    """``x @ W`` for ``layout="in_out"`` (Flax's ``kernel``) or ``x @ Wᵀ`` for ``layout="out_in"`` (PyTorch).
+
+    Args:
+      x: ``float[..., d_in]``.
+      w: a plain ``float[d_in, d_out]`` (``in_out``) / ``float[d_out, d_in]`` (``out_in``) array, or a
+        :class:`LowRank` / :class:`Full` leaf of that shape.
+      layout: ``"in_out"`` or ``"out_in"``.
+
+    Returns:
+      ``float[..., d_out]``.
+    """
+    if layout not in ("in_out", "out_in"):
+        raise ValueError(f"dense: layout={layout!r}; valid layouts are 'in_out' and 'out_in'")
+    if isinstance(w, LowRank):
+        _check_matrix(w, "dense")
+        c = w.coef.astype(x.dtype)
+        if layout == "in_out":  # x (W + c A Bᵀ) = x W + c (x A) Bᵀ
+            return x @ w.base + c * ((x @ w.a.astype(x.dtype)) @ w.b.T.astype(x.dtype))
+        # x (W + c A Bᵀ)ᵀ = x Wᵀ + c (x B) Aᵀ
+        return x @ w.base.T + c * ((x @ w.b.astype(x.dtype)) @ w.a.T.astype(x.dtype))
+    if isinstance(w, Full):
+        _check_matrix(w, "dense")
+        w = w.base + w.coef.astype(w.base.dtype) * w.eps
+    return x @ w if layout == "in_out" else x @ w.T
+
+
+def embed(ids: jax.Array, table) -> jax.Array:
+    """Row lookup ``table[ids]`` of an embedding table ``float[vocab, dim]``.
+
+    For a :class:`LowRank` table the perturbed row is ``W[t] + c · A[t] Bᵀ`` (only the looked-up rows of ``A`` are
+    touched).
+
+    Args:
+      ids: ``int[...]``.
+      table: plain ``float[vocab, dim]`` or a :class:`LowRank` / :class:`Full` leaf.
+
+    Returns:
+      ``float[..., dim]``.
+    """
+    if isinstance(table, LowRank):
+        _check_matrix(table, "embed")
+        c = table.coef.astype(table.base.dtype)
+        return table.base[ids] + c * (table.a[ids] @ table.b.T)
+    if isinstance(table, Full):
+        _check_matrix(table, "embed")
+        return table.base[ids] + table.coef.astype(table.base.dtype) * table.eps[ids]
+    return table[ids]
+
+
+def value(v) -> jax.Array:
+    """The (perturbed) value of a leaf as a plain array.
+
+    Meant for non-matrix leaves (biases, norm scales). On a :class:`LowRank` leaf it materialises
+    ``base + c · A Bᵀ`` -- correct, but it costs a full ``m×n`` matrix per member.
+    """
+    if isinstance(v, LowRank):
+        c = v.coef.astype(v.base.dtype)[..., None, None]
+        return v.base + c * jnp.einsum("...mr,...nr->...mn", v.a, v.b)
+    if isinstance(v, Full):
+        return v.base + v.coef.astype(v.base.dtype) * v.eps
+    return v
