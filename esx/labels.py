@@ -107,13 +107,12 @@ def make_labels(
 def check_labels(params: Any, labels: Any) -> None:
     """Raises ``ValueError`` unless ``labels`` matches ``params`` leaf for leaf with valid labels."""
     p_flat, p_def = jax.tree_util.tree_flatten_with_path(params)
-    try:
-        l_leaves = p_def.flatten_up_to(labels)
-    except (ValueError, TypeError) as e:
+    l_leaves, l_def = jax.tree_util.tree_flatten(labels)
+    if l_def != p_def:
         raise ValueError(
             "labels: the label tree does not match the parameter tree.\n"
-            f"  parameters: {p_def}\n  labels:     {jax.tree_util.tree_structure(labels)}"
-        ) from e
+            f"  parameters: {p_def}\n  labels:     {l_def}"
+        )
     for (path, leaf), label in zip(p_flat, l_leaves):
         name = path_to_str(path)
         if label not in LABELS:

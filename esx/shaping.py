@@ -4,8 +4,10 @@ A shaping function maps raw fitness ``float[N]`` (members in order, antithetic p
 weights ``float[N]`` that multiply each member's noise in the update. All of them follow one policy for
 **non-finite fitness** (NaN, +inf, -inf): such a member counts as a failed evaluation and is given the worst
 finite fitness of the population before shaping (so it ranks last, ties with the worst, and can never push
-parameters to NaN). If no member is finite every shaped value is 0 and the update is zero. The number of
-non-finite members is reported by ``tell`` as ``metrics.num_nonfinite``.
+parameters to NaN). If no member is finite the generation is skipped: ``tell`` leaves parameters and optimizer
+state untouched (only the generation counter advances) and reports ``metrics.skipped``. The number of
+non-finite members is reported by ``tell`` as ``metrics.num_nonfinite``. ``tell`` also skips (and reports) any
+update that would make a parameter or optimizer-state entry non-finite.
 
 ==================  =============================================================================
 ``centered_rank``   ``rank / (N - 1) - 0.5`` in ``[-0.5, 0.5]`` (ties share their mean rank)

@@ -420,7 +420,7 @@ def make_strategy(
             for old, new, lab in zip(jax.tree_util.tree_leaves(state.params),
                                      jax.tree_util.tree_leaves(params), info.labels)
         ])
-        ok = _all_finite(params) & _all_finite(opt_state)
+        ok = _all_finite(params) & _all_finite(opt_state) & jnp.any(finite)
         params = _select(ok, params, state.params)
         opt_state = _select(ok, opt_state, state.opt_state)
         generation = state.generation + 1
@@ -434,7 +434,7 @@ def make_strategy(
             fitness_max=jnp.max(jnp.where(finite, fitness, -jnp.inf)),
             fitness_min=jnp.min(jnp.where(finite, fitness, jnp.inf)),
             num_nonfinite=jnp.sum(~finite).astype(jnp.int32),
-            grad_norm=optax.global_norm(grad_tree),
+            grad_norm=_global_norm(grad_tree),
             sigma=state.sigma,
             generation=state.generation,
             skipped=~ok,
@@ -447,6 +447,10 @@ def make_strategy(
         return apply(state, gradient(state, fitness), fitness)
 
     return Strategy(cfg, init, ask, view, evaluate, tell, gradient, apply)
+
+
+def _global_norm(tree: Any) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree_util.tree_leaves(tree)))
 
 
 def _all_finite(tree: Any) -> jax.Array:
