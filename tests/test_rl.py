@@ -1,0 +1,276 @@
+"""The RL plug-in: masked returns, observation statistics, policies, adapters (gymnax and a pure-JAX suite)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import esx
+from esx_envs import rl
+
+
+class Countdown:
+    """A pure-JAX test suite implementing :class:`rl.Adapter` with known episodes.
+
+    The reset key draws the episode length ``L`` in ``[2, 9]``; the observation at step ``t`` is ``[t, L]``, the
+    reward of step ``t`` is ``t + 1``, the episode terminates after ``L`` steps, so its return is ``L (L + 1) / 2``.
+    """
+
+    name = "countdown"
+    observation_shape = (2,)
+    action_kind = "discrete"
+    action_dim = 2
+    action_low = action_high = None
+
+    def __init__(self, max_steps=20):
+        self.max_steps = max_steps
+
+    def reset(self, key):
+        length = jax.random.randint(key, (), 2, 10)
+        return jnp.stack([0.0, length.astype(jnp.float32)]), (jnp.int32(0), length)
+
+    def step(self, key, state, action):
+        t, length = state
+        t1 = t + 1
+        obs = jnp.stack([t1.astype(jnp.float32), length.astype(jnp.float32)])
+        return obs, (t1, length), t1.astype(jnp.float32), t1 >= length, t1 >= self.max_steps
+
+
+class Reach:
+    """A pure-JAX continuous-action suite: observe a target in [-1, 1], reward ``-(a - target)²`` for 4 steps."""
+
+    name = "reach"
+    observation_shape = (1,)
+    action_kind = "continuous"
+    action_dim = 1
+    action_low = np.array([-2.0], np.float32)
+    action_high = np.array([2.0], np.float32)
+    max_steps = 4
+
+    def reset(self, key):
+        target = jax.random.uniform(key, (1,), minval=-1.0, maxval=1.0)
+        return target, (jnp.int32(0), target)
+
+    def step(self, key, state, action):
+        t, target = state
+        reward = -jnp.sum(jnp.square(action - target))
+        return target, (t + 1, target), reward, jnp.asarray(False), t + 1 >= self.max_steps
+
+
+@jax.jit
+def _lengths(keys):
+    return jax.vmap(lambda k: jax.random.randint(jax.random.split(k)[0], (), 2, 10))(keys)
+
+
+def episode_lengths(keys):
+    """The lengths Countdown draws for these episode keys (rollout splits the key into (reset, run))."""
+    return np.asarray(_lengths(jnp.stack(list(keys)) if isinstance(keys, list) else keys))
+
+
+def test_adapters_satisfy_protocol():
+    assert isinstance(Countdown(), rl.Adapter)
+    assert isinstance(Reach(), rl.Adapter)
+    assert isinstance(rl.Gymnax("CartPole-v1"), rl.Adapter)
+
+
+def test_masked_return_matches_known_episode_lengths():
+    env = Countdown()
+    policy = rl.Policy.for_adapter(env, width=4, depth=1)
+    params = policy.init(jax.random.key(0))
+    keys = jax.random.split(jax.random.key(1), 16)
+    lengths = episode_lengths(keys)
+    assert len(set(lengths)) > 3  # several lengths in one vmapped batch: the loop runs for the longest
+    ret, n, moments = jax.vmap(lambda k: rl.rollout(env, policy, params, k))(keys)
+    np.testing.assert_array_equal(np.asarray(n), lengths)
+    np.testing.assert_array_equal(np.asarray(ret), lengths * (lengths + 1) / 2)
+    np.testing.assert_array_equal(np.asarray(moments.count), lengths)
+
+
+def test_truncation_by_max_steps():
+    env = Countdown()
+    policy = rl.Policy.for_adapter(env, width=4, depth=1)
+    params = policy.init(jax.random.key(0))
+    keys = jax.random.split(jax.random.key(1), 16)
+    lengths = np.minimum(episode_lengths(keys), 3)
+    ret, n, _ = jax.vmap(lambda k: rl.rollout(env, policy, params, k, max_steps=3))(keys)
+    np.testing.assert_array_equal(np.asarray(n), lengths)
+    np.testing.assert_array_equal(np.asarray(ret), lengths * (lengths + 1) / 2)
+    # the adapter's own truncation flag (max_steps=5) ends episodes too
+    ret5, n5, _ = jax.vmap(lambda k: rl.rollout(Countdown(max_steps=5), policy, params, k))(keys)
+    np.testing.assert_array_equal(np.asarray(n5), np.minimum(episode_lengths(keys), 5))
+
+
+def test_cartpole_return_equals_manual_episode():
+    """A constant-action policy on CartPole: the return equals a hand-stepped gymnax episode."""
+    import gymnax
+
+    adapter = rl.Gymnax("CartPole-v1")
+    policy = rl.Policy.for_adapter(adapter, width=4, depth=1)
+    params = jax.tree_util.tree_map(jnp.zeros_like, policy.init(jax.random.key(0)))
+    params["out"]["b"] = jnp.array([1.0, 0.0])  # always push left
+    key = jax.random.key(7)
+    ret, n, _ = rl.rollout(adapter, policy, params, key)
+    env, env_params = gymnax.make("CartPole-v1")
+    key_reset, key_run = jax.random.split(key)
+    _, state = env.reset_env(key_reset, env_params)
+    total, steps = 0.0, 0
+    while True:
+        _, state, reward, done, _ = env.step_env(jax.random.key(0), state, 0, env_params)
+        total += float(reward)
+        steps += 1
+        if bool(done) or steps >= 500:
+            break
+    assert 5 < steps < 50
+    assert int(n) == steps
+    assert float(ret) == total
+
+
+def test_fitness_averages_episodes_with_independent_keys():
+    env = Countdown()
+    policy = rl.Policy.for_adapter(env, width=4, depth=1)
+    params = policy.init(jax.random.key(0))
+    fitness = rl.make_fitness(env, policy, episodes=8)
+    key = jax.random.key(3)
+    value, moments = fitness(params, key, rl.ObsStats.create((2,)))
+    lengths = episode_lengths(jax.random.split(key, 8))
+    assert float(value) == pytest.approx(float(np.mean(lengths * (lengths + 1) / 2)))
+    assert float(moments.count) == lengths.sum()
+
+
+def test_obs_stats_equal_numpy_mean_and_var_of_observations_seen():
+    env = Countdown()
+    policy = rl.Policy.for_adapter(env, width=4, depth=1)
+    params = policy.init(jax.random.key(0))
+    stats = rl.ObsStats.create((2,))
+    seen = []
+    for round_ in range(3):  # three batches folded in one after the other
+        keys = jax.random.split(jax.random.key(10 + round_), 32)
+        _, _, moments = jax.vmap(lambda k: rl.rollout(env, policy, params, k, stats))(keys)
+        stats = rl.update_obs_stats(stats, moments)
+        for length in episode_lengths(keys):
+            seen += [[t, length] for t in range(length)]
+    data = np.array(seen, np.float64)
+    assert float(stats.count) == len(data)
+    np.testing.assert_allclose(np.asarray(stats.mean), data.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(stats.var), data.var(0), rtol=1e-4)
+
+
+def test_obs_stats_from_population_aux():
+    """``strategy.evaluate(..., has_aux=True)`` returns per-member moments; folded they equal numpy's."""
+    env = Countdown()
+    policy = rl.Policy.for_adapter(env, width=4, depth=1)
+    fitness = rl.make_fitness(env, policy, episodes=2, obs_norm=True)
+    strategy = esx.eggroll(population_size=8, rank=1, sigma=0.1, optimizer=optax.sgd(0.1))
+    state = strategy.init(jax.random.key(0), policy.init(jax.random.key(1)))
+    key = jax.random.key(5)
+    returns, moments = jax.jit(lambda s, k: strategy.evaluate(s, fitness, k, rl.ObsStats.create((2,)),
+                                                              has_aux=True))(state, key)
+    assert returns.shape == (8,) and moments.count.shape == (8,)
+    stats = rl.update_obs_stats(rl.ObsStats.create((2,)), moments)
+    seen = []
+    member_keys = jax.vmap(lambda m: jax.random.split(jax.random.fold_in(key, m), 2))(
+        jnp.arange(8, dtype=jnp.uint32))  # the default group_size=1: each member its own key
+    for length in episode_lengths(member_keys.reshape(-1)):
+        seen += [[t, length] for t in range(length)]
+    data = np.array(seen, np.float64)
+    assert float(stats.count) == len(data)
+    np.testing.assert_allclose(np.asarray(stats.mean), data.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(stats.var), data.var(0), rtol=1e-4)
+
+
+def test_normalize_uses_stats():
+    stats = rl.ObsStats(jnp.float32(10), jnp.array([1.0, -2.0]), jnp.array([4.0, 0.25]))
+    np.testing.assert_allclose(np.asarray(stats.normalize(jnp.array([3.0, -1.0]))), [1.0, 2.0], rtol=1e-5)
+
+
+def test_policy_is_lowrank_under_eggroll():
+    """The policy's matrices reach the forward as esx.LowRank leaves (never a dense per-member matrix)."""
+    env = Countdown()
+    policy = rl.Policy.for_adapter(env, width=8, depth=2)
+    params = policy.init(jax.random.key(0))
+    strategy = esx.eggroll(population_size=4, rank=2, sigma=0.1, optimizer=optax.sgd(0.1))
+    state = strategy.init(jax.random.key(0), params)
+    view = jax.jit(lambda s: strategy.view(s, strategy.ask(s), 0))(state)
+    assert isinstance(view["hidden"][0]["w"], esx.LowRank)
+    assert isinstance(view["hidden"][0]["scale"], esx.Full)
+    # the forward equals the dense reference W + c A Bᵀ
+    w = view["hidden"][0]["w"]
+    dense = jax.tree_util.tree_map(lambda x: x, params)
+    dense["hidden"][0]["w"] = esx.value(w)
+    for name in ("b", "scale", "shift"):
+        dense["hidden"][0][name] = esx.value(view["hidden"][0][name])
+    dense["hidden"][1] = {k: esx.value(v) for k, v in view["hidden"][1].items()}
+    dense["out"] = {k: esx.value(v) for k, v in view["out"].items()}
+    obs = jnp.array([0.3, -1.2])
+    np.testing.assert_allclose(np.asarray(policy(view, obs)), np.asarray(policy(dense, obs)), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_discrete_stochastic_and_greedy_actions():
+    env = Countdown()
+    policy = rl.Policy.for_adapter(env, width=4, depth=0)
+    params = {"hidden": [], "out": {"w": jnp.zeros((2, 2)), "b": jnp.array([0.0, 0.5])}}
+    obs = jnp.zeros(2)
+    assert int(policy.act(params, obs, jax.random.key(0), "greedy")) == 1
+    acts = jax.vmap(lambda k: policy.act(params, obs, k, "stochastic"))(jax.random.split(jax.random.key(0), 2000))
+    p1 = float(np.mean(np.asarray(acts)))
+    assert abs(p1 - 1 / (1 + np.exp(-0.5))) < 0.04  # softmax probability of action 1
+
+
+def test_continuous_actions_within_bounds():
+    adapter = rl.Gymnax("Pendulum-v1")
+    assert adapter.action_kind == "continuous" and adapter.action_dim == 1
+    policy = rl.Policy.for_adapter(adapter, width=8, depth=1)
+    params = policy.init(jax.random.key(0))
+    params["out"]["b"] = jnp.array([5.0])  # saturates tanh: the greedy action is the upper bound
+    a = policy.act(params, jnp.zeros(3), jax.random.key(0), "greedy")
+    assert a.shape == (1,) and float(a[0]) == pytest.approx(2.0, abs=1e-3)
+    acts = jax.vmap(lambda k: policy.act(params, jnp.zeros(3), k, "stochastic"))(
+        jax.random.split(jax.random.key(0), 100))
+    assert float(acts.max()) <= 2.0 and float(acts.min()) >= -2.0
+    ret, n, _ = rl.rollout(adapter, policy, params, jax.random.key(1))
+    assert int(n) == 200 and np.isfinite(float(ret)) and float(ret) < 0
+
+
+@pytest.mark.parametrize("name", ["Breakout-MinAtar", "Catch-bsuite"])
+def test_gymnax_suites_roll_out(name):
+    adapter = rl.Gymnax(name, max_steps=30)
+    policy = rl.Policy.for_adapter(adapter, width=8, depth=1)
+    params = policy.init(jax.random.key(0))
+    ret, n, moments = rl.rollout(adapter, policy, params, jax.random.key(1), mode="stochastic")
+    assert 1 <= int(n) <= 30 and np.isfinite(float(ret))
+    assert moments.sum.shape == adapter.observation_shape
+
+
+def test_unknown_env_lists_valid_names():
+    with pytest.raises(ValueError, match=r"unknown environment 'CartPol-v1' \(did you mean 'CartPole-v1'\?\).*"
+                                         r"Breakout-MinAtar"):
+        rl.Gymnax("CartPol-v1")
+    with pytest.raises(ValueError, match="episodes=0"):
+        rl.make_fitness(Countdown(), rl.Policy.for_adapter(Countdown()), episodes=0)
+
+
+@pytest.mark.slow
+def test_pure_jax_adapter_learns_with_eggroll():
+    """The adapter shape is enough for another suite: ES on the continuous Reach task improves clearly."""
+    env = Reach()
+    policy = rl.Policy.for_adapter(env, width=16, depth=1)
+    fitness = rl.make_fitness(env, policy, episodes=4, mode="greedy")
+    strategy = esx.eggroll(population_size=64, rank=2, sigma=0.1, optimizer=optax.adam(0.03))
+    state = strategy.init(jax.random.key(0), policy.init(jax.random.key(1)))
+    evaluate = rl.make_evaluator(env, policy, episodes=64)
+    stats = rl.ObsStats.create(env.observation_shape)
+    before = float(evaluate(state.params, jax.random.key(99), stats).mean())
+
+    @jax.jit
+    def gen(state, key):
+        f, _ = strategy.evaluate(state, fitness, key, stats, has_aux=True)
+        return strategy.tell(state, f)[0]
+
+    for g in range(60):
+        state = gen(state, jax.random.key(g))
+    after = float(evaluate(state.params, jax.random.key(99), stats).mean())
+    assert before < -1.0  # a fixed ~0 action: 4 · E[target²] = 4/3
+    assert after > 0.3 * before  # at least 70% of the squared error gone
