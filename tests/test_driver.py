@@ -1,0 +1,184 @@
+"""The training driver: exact resume, chunk independence, checkpoints that survive failures, logs and plots."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from esx import driver
+from esx.configs import TrainConfig
+
+# One tiny config shared by the tests (make_setup is memoised on it: one compile per process).
+TINY = TrainConfig(name="tiny", env="CartPole-v1", seed=3, generations=8, population_size=16, rank=2, sigma=0.2,
+                   width=8, depth=1, layer_norm=False, max_steps=40, obs_norm=True, chunk=2, eval_every=4,
+                   eval_episodes=4, final_eval_episodes=4, checkpoint_every=2)
+
+
+def leaves(state: driver.DriverState) -> list[np.ndarray]:
+    return driver._to_host(state)
+
+
+def assert_identical(a: driver.DriverState, b: driver.DriverState) -> None:
+    la, lb = leaves(a), leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("full") / "run"
+    return driver.train(TINY, run_dir, progress=False)
+
+
+def _interrupt_at(generation):
+    def callback(record):
+        if record["generation"] >= generation:
+            raise KeyboardInterrupt
+
+    return callback
+
+
+def test_resume_is_bit_identical(full_run, tmp_path):
+    run_dir = tmp_path / "run"
+    part = driver.train(TINY, run_dir, progress=False, callback=_interrupt_at(4), log=lambda s: None)
+    assert part.interrupted and part.state.generation == 4
+    assert driver.list_checkpoints(run_dir)[-1].name == "gen_00000004"
+    resumed = driver.train(TINY, run_dir, resume=True, progress=False, log=lambda s: None)
+    assert resumed.state.generation == 8 and not resumed.interrupted
+    assert_identical(resumed.state, full_run.state)
+    assert float(resumed.state.obs_stats.count) > 0  # observation statistics are part of the compared state
+    # the metrics log holds each generation once, as the uninterrupted run's
+    recs = [r for r in driver.read_metrics(run_dir) if r["kind"] == "train"]
+    full = [r for r in driver.read_metrics(full_run.run_dir) if r["kind"] == "train"]
+    assert [r["generation"] for r in recs] == list(range(1, 9))
+    assert [r["return_mean"] for r in recs] == [r["return_mean"] for r in full]
+
+
+def test_chunk_size_does_not_change_results(full_run):
+    other = driver.train(dataclasses.replace(TINY, chunk=4, eval_every=8, checkpoint_every=0), None,
+                         progress=False)
+    assert_identical(other.state, full_run.state)
+
+
+def test_run_dir_contents(full_run):
+    run_dir = full_run.run_dir
+    for name in ("metrics.jsonl", "metrics.csv", "learning_curve.png", "config.json", "summary.json", "run.json"):
+        assert (run_dir / name).exists(), name
+    recs = driver.read_metrics(run_dir)
+    assert [r["generation"] for r in recs if r["kind"] == "eval"] == [4, 8]
+    csv = (run_dir / "metrics.csv").read_text().splitlines()
+    assert csv[0].startswith("generation,return_mean") and len(csv) == 9
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["generation"] == 8 and summary["final_greedy_return_mean"] == pytest.approx(
+        full_run.final_return)
+    assert (run_dir / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
+    # the config travels with the checkpoint and matches config.json
+    meta = json.loads((driver.list_checkpoints(run_dir)[-1] / "meta.json").read_text())
+    assert meta["config"] == dataclasses.asdict(TINY) == json.loads((run_dir / "config.json").read_text())
+    assert len(driver.list_checkpoints(run_dir)) == 2  # the newest two are kept
+
+
+def test_checkpoint_round_trip(full_run):
+    path = driver.list_checkpoints(full_run.run_dir)[-1]
+    state, meta = driver.load_checkpoint(path, driver.init_state(driver.make_setup(TINY)))
+    assert meta["generation"] == 8
+    assert_identical(state, full_run.state)
+
+
+def test_failed_write_keeps_previous_checkpoint(full_run, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    shutil.copytree(full_run.run_dir, run_dir)
+    before = [p.name for p in driver.list_checkpoints(run_dir)]
+    import orbax.checkpoint as ocp
+
+    def broken_save(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ocp.PyTreeCheckpointer, "save", broken_save)
+    newer = full_run.state.es.replace(generation=full_run.state.es.generation + 2)
+    with pytest.raises(OSError, match="disk full"):
+        driver.save_checkpoint(run_dir, dataclasses.replace(full_run.state, es=newer), TINY, "x")
+    assert [p.name for p in driver.list_checkpoints(run_dir)] == before
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+
+
+def _corrupt(ckpt: Path) -> None:
+    """Truncates every data file of the orbax folder (as a kill during a copy would)."""
+    for root, _, files in os.walk(ckpt / "state"):
+        for f in files:
+            p = Path(root) / f
+            if p.stat().st_size > 0 and "METADATA" not in f:
+                p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+def test_corrupt_checkpoint_is_an_error_and_previous_survives(full_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(full_run.run_dir, run_dir)
+    previous, newest = driver.list_checkpoints(run_dir)
+    _corrupt(newest)
+    with pytest.raises(driver.CheckpointError, match=r"(corrupt|unreadable).*previous checkpoint .*gen_00000006"):
+        driver.train(TINY, run_dir, resume=True, progress=False)
+    assert previous.exists()
+    state, _ = driver.load_checkpoint(previous, driver.init_state(driver.make_setup(TINY)))
+    assert state.generation == 6
+    # flipped bytes that orbax itself would accept are caught by the sha256
+    run2 = tmp_path / "run2"
+    shutil.copytree(full_run.run_dir, run2)
+    meta_path = driver.list_checkpoints(run2)[-1] / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["sha256"] = "0" * 64
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(driver.CheckpointError, match="corrupt"):
+        driver.load_run(run2)
+
+
+def test_resume_with_other_config_or_other_run_is_refused(full_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(full_run.run_dir, run_dir)
+    with pytest.raises(driver.CheckpointError, match=r"different config \(sigma: checkpoint 0.2 vs now 0.5\)"):
+        driver.train(dataclasses.replace(TINY, sigma=0.5), run_dir, resume=True, progress=False)
+    # run-control fields may change (here: train longer)
+    # checkpoints copied from another run into this run directory
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "run.json").write_text(json.dumps({"run_id": "someone-else"}))
+    shutil.copytree(run_dir / "checkpoints", other / "checkpoints")
+    with pytest.raises(driver.CheckpointError, match="belongs to another run"):
+        driver.train(TINY, other, resume=True, progress=False)
+    with pytest.raises(driver.CheckpointError, match="nothing to resume"):
+        driver.train(TINY, tmp_path / "empty", resume=True, progress=False)
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        driver.train(TINY, run_dir, progress=False)
+
+
+def test_import_esx_stays_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, esx, esx.driver, esx.configs; "
+            "bad = [m for m in ('orbax', 'tqdm', 'matplotlib', 'gymnax') if m in sys.modules]; print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_short_cartpole_run_beats_random():
+    """A short CartPole run of the default config: the greedy return ends far above the initial policy's."""
+    from esx.configs import CONFIGS
+
+    cfg = dataclasses.replace(CONFIGS["cartpole"], generations=60, target_return=None, eval_every=10,
+                              final_eval_episodes=32, checkpoint_every=0)
+    setup = driver.make_setup(cfg)
+    state = driver.init_state(setup)
+    initial = float(setup.evaluator(state.es.params, driver.eval_key(state), state.obs_stats).mean())
+    result = driver.train(cfg, None, progress=False)
+    assert initial < 50
+    assert result.final_return > 200
