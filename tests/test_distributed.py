@@ -1,0 +1,218 @@
+"""Scale-out (esx.distributed): results independent of the device count, multi-process runs, errors.
+
+The multi-device checks run in subprocesses (tests/_dist_worker.py) with
+``XLA_FLAGS=--xla_force_host_platform_device_count=N`` set before JAX starts: one process with 8 host devices
+for the device-count, noise, communication and error checks, and two processes with 2 devices each under
+``jax.distributed`` (started by scripts/launch_local.sh) for the multi-host check. Sizes are tiny; the XLA
+backend optimisation level is lowered to keep the compiles short (it is the same in every compared run).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import esx
+from esx import distributed as dist
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "_dist_worker.py"
+TIMEOUT_S = 400
+
+
+def _env(num_devices: int) -> dict[str, str]:
+    env = dict(os.environ)
+    for name in list(env):  # never inherit a distributed environment from the test runner
+        if name.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_")):
+            del env[name]
+    env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={num_devices} "
+                        "--xla_backend_optimization_level=0")
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _run(cmd: list[str], env: dict[str, str]) -> None:
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    if proc.returncode:
+        pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def single_host(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    _run([sys.executable, str(WORKER), "single", str(out)], _env(8))
+    return out, json.loads((out / "single.json").read_text())
+
+
+def _params(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one host, 8 devices
+
+
+def test_worker_sees_eight_devices_and_training_moves(single_host):
+    _, res = single_host
+    assert res["num_devices"] == 8
+    assert res["moved"] > 1e-2  # the compared parameters are not just the initial ones
+
+
+@pytest.mark.parametrize("num_devices", [1, 2, 4, 8])
+def test_gather_is_bit_identical_to_step_for_any_device_count(single_host, num_devices):
+    _, res = single_host
+    assert res[f"gather_{num_devices}"]["bitwise"], res[f"gather_{num_devices}"]
+
+
+@pytest.mark.parametrize("num_devices", [1, 2, 4, 8])
+def test_reduce_matches_step_to_rounding(single_host, num_devices):
+    _, res = single_host
+    assert res[f"reduce_{num_devices}"]["rel"] <= 1e-6, res[f"reduce_{num_devices}"]
+
+
+def test_member_noise_does_not_depend_on_device(single_host):
+    _, res = single_host
+    assert res["noise_same"] == [True, True]  # reversed 8-device mesh; 2-device mesh
+
+
+def test_non_divisible_population_is_an_error(single_host):
+    _, res = single_host
+    msg = res["nondivisible_error"]
+    assert msg is not None, "sharded_step accepted 6 pairs on 4 devices"
+    for part in ("population_size=12", "6 antithetic pairs", "4 devices", "multiple of 8"):
+        assert part in msg
+
+
+@pytest.mark.parametrize("placement", dist.PLACEMENTS)
+def test_communication_bytes_match_compiled_collectives(single_host, placement):
+    _, res = single_host
+    model, hlo = res[f"model_{placement}"], res[f"hlo_{placement}"]
+    assert hlo.get("all-gather") == model["fitness_allgather_bytes"] == 4 * 16
+    assert hlo.get("all-reduce", 0) == model["gradient_allreduce_bytes"]
+    assert set(hlo) <= {"all-gather", "all-reduce"}
+    if placement == "reduce":
+        assert model["gradient_allreduce_bytes"] == 4 * (3 * 4 + 4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# two processes under jax.distributed
+
+
+def test_two_processes_match_one_process(single_host, tmp_path):
+    out, _ = single_host
+    launcher = ROOT / "scripts" / "launch_local.sh"
+    _run(["bash", str(launcher), "2", sys.executable, str(WORKER), "multi", str(tmp_path)], _env(2))
+    ref = _params(out / "reference.npz")
+    for pid in (0, 1):
+        info = json.loads((tmp_path / f"multi_{pid}.json").read_text())
+        assert info == {"process_id": pid, "process_count": 2, "device_count": 4, "local_device_count": 2,
+                        "config_source": "jax"}
+        gather = _params(tmp_path / f"multi_gather_{pid}.npz")
+        reduce = _params(tmp_path / f"multi_reduce_{pid}.npz")
+        for name in ref:
+            np.testing.assert_array_equal(gather[name], ref[name])
+            rel = np.linalg.norm(reduce[name] - ref[name]) / np.linalg.norm(ref[name])
+            assert rel <= 1e-6, (name, rel)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# in-process: pure helpers
+
+
+def _strategy(population_size: int, **kw) -> esx.Strategy:
+    return esx.eggroll(population_size=population_size, sigma=0.1, optimizer=optax.sgd(0.1), **kw)
+
+
+def test_pairs_per_device():
+    assert dist.pairs_per_device(_strategy(16), 8) == 1
+    assert dist.pairs_per_device(_strategy(12, antithetic=False), 4) == 3
+    with pytest.raises(ValueError, match=r"population_size=12 has 6 antithetic pairs.*4 devices"):
+        dist.pairs_per_device(_strategy(12), 4)
+    with pytest.raises(ValueError, match=r"population_size=10 has 10 members.*4 devices.*multiple of 4"):
+        dist.pairs_per_device(_strategy(10, antithetic=False), 4)
+
+
+def test_bad_options_are_errors():
+    mesh = dist.make_mesh(jax.devices()[:1])
+    strategy = _strategy(4)
+    state = strategy.init(jax.random.key(0), {"w": jnp.zeros((2, 2))})
+    fitness = lambda view, key, data: jnp.zeros(())  # noqa: E731
+    with pytest.raises(ValueError, match="placement='ring'"):
+        dist.sharded_step(strategy, state, fitness, jax.random.key(1), mesh=mesh, placement="ring")
+    with pytest.raises(ValueError, match="axis='data'"):
+        dist.sharded_step(strategy, state, fitness, jax.random.key(1), mesh=mesh, axis="data")
+    with pytest.raises(ValueError, match="placement"):
+        dist.shard_strategy(strategy, placement="psum")
+    assert dist.shard_strategy(strategy) is dist.shard_strategy(strategy)  # cached: no recompiles
+
+
+def test_sharded_step_on_one_local_device_matches_step():
+    strategy = _strategy(8, rank=1)
+    params = {"w": jnp.full((2, 3), 0.1), "b": jnp.zeros(3)}
+    fitness = lambda view, key, data: -jnp.sum((esx.dense(data, view["w"]) + esx.value(view["b"]) - 1.0) ** 2)  # noqa: E731
+    data = jnp.ones((1, 2))
+    state = strategy.init(jax.random.key(0), params)
+    mesh = dist.make_mesh(jax.devices()[:1])
+    a, ma = esx.step(strategy, state, fitness, jax.random.key(1), data)
+    b, mb = dist.sharded_step(strategy, state, fitness, jax.random.key(1), data, mesh=mesh, placement="reduce")
+    for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6)
+    assert int(mb.generation) == int(ma.generation) == 0 and int(b.generation) == 1
+
+
+def test_first_host():
+    assert dist.first_host("node7") == "node7"
+    assert dist.first_host("gpu[003-005,9],cpu1") == "gpu003"
+    assert dist.first_host("a1,b[1-2]") == "a1"
+    assert dist.first_host("rack[2-3]-n[10-12]") == "rack2-n10"
+
+
+def test_config_from_env():
+    assert dist.config_from_env({}) is None
+    assert dist.config_from_env({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "1",
+                                 "JAX_PROCESS_ID": "0"}) is None
+    cfg = dist.config_from_env({"JAX_COORDINATOR_ADDRESS": "10.0.0.1", "JAX_COORDINATOR_PORT": "1234",
+                                "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3", "JAX_LOCAL_DEVICE_IDS": "0,1",
+                                "SLURM_NTASKS": "9", "SLURM_PROCID": "8", "SLURM_NODELIST": "x"})
+    assert cfg == dist.DistributedConfig("10.0.0.1:1234", 4, 3, (0, 1), "jax")
+    cfg = dist.config_from_env({"SLURM_NTASKS": "16", "SLURM_PROCID": "5", "SLURM_JOB_ID": "123456",
+                                "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_NODELIST": "other"})
+    assert cfg == dist.DistributedConfig(f"gpu07:{20000 + 123456 % 20000}", 16, 5, None, "slurm")
+    cfg = dist.config_from_env({"SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_NODELIST": "n1,n2",
+                                "MASTER_PORT": "4444"})
+    assert cfg.coordinator_address == "n1:4444"
+    cfg = dist.config_from_env({"MASTER_ADDR": "m", "WORLD_SIZE": "2", "RANK": "1"})
+    assert cfg == dist.DistributedConfig("m:29500", 2, 1, None, "torch")
+    with pytest.raises(ValueError, match="process_id=2"):
+        dist.config_from_env({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"})
+    with pytest.raises(ValueError, match="JAX_COORDINATOR_ADDRESS"):
+        dist.config_from_env({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"})
+
+
+def test_initialize_from_env_single_process_is_a_no_op():
+    assert dist.initialize_from_env(environ={}) is None
+    assert dist.initialize_from_env(coordinator_address="h:1", num_processes=1, process_id=0) is None
+    with pytest.raises(ValueError, match="pass all of"):
+        dist.initialize_from_env(num_processes=2)
+
+
+def test_communication_bytes_for_the_documented_mlp():
+    shapes = {f"layer{i}": {"w": jax.ShapeDtypeStruct((1024, 1024), jnp.float32),
+                            "b": jax.ShapeDtypeStruct((1024,), jnp.float32)} for i in range(3)}
+    strategy = _strategy(4096, rank=1)
+    gather = dist.communication_bytes(strategy, shapes, 8, "gather")
+    reduce = dist.communication_bytes(strategy, shapes, 8, "reduce")
+    assert gather["num_params"] == reduce["num_params"] == 3 * (1024 * 1024 + 1024)
+    assert gather["payload_bytes"] == 4 * 4096 and gather["sent_bytes_per_device"] == 4 * 4096 * 7 // 8
+    assert reduce["gradient_allreduce_bytes"] == 4 * 3 * (1024 * 1024 + 1024)
+    assert reduce["sent_bytes_per_device"] == 4 * 4096 * 7 // 8 + 2 * 7 * 4 * 3 * (1024 * 1024 + 1024) // 8
