@@ -76,18 +76,40 @@ class Setup:
     fitness: Callable
     evaluator: Callable          # (params, key, obs_stats) -> float[eval_episodes]
     final_evaluator: Callable    # (params, key, obs_stats) -> float[final_eval_episodes]
-    run_chunk: Callable          # (DriverState, length) -> (DriverState, esx.Metrics stacked over length)
+    run_chunk: Callable          # (DriverState, length <= chunk) -> (DriverState, esx.Metrics stacked over length)
 
 
-@functools.lru_cache(maxsize=8)
 def make_setup(config: TrainConfig) -> Setup:
     """Builds the environment adapter, the policy, the strategy and the jitted chunk function of ``config``.
 
-    Memoised on the (frozen, hashable) config, so repeated runs of one config in a process compile once.
+    Memoised on the config without its run-control fields (:data:`~esx.configs.RUN_CONTROL_FIELDS`), so repeated
+    or resumed runs of one config in a process compile once.
     """
+    config = validate(config)
+    core = _core_config(config)
+    adapter, policy, strategy, fitness, run_chunk = _build(core)
+    return Setup(config, adapter, policy, strategy, fitness, _evaluator(core, config.eval_episodes),
+                 _evaluator(core, config.final_eval_episodes),
+                 functools.partial(run_chunk, capacity=_chunk_length(config)))
+
+
+def _core_config(config: TrainConfig) -> TrainConfig:
+    defaults = TrainConfig()
+    return dataclasses.replace(config, name="", **{f: getattr(defaults, f) for f in RUN_CONTROL_FIELDS})
+
+
+@functools.lru_cache(maxsize=8)
+def _evaluator(core: TrainConfig, episodes: int) -> Callable:
     from esx_envs import rl
 
-    config = validate(config)
+    adapter, policy, *_ = _build(core)
+    return rl.make_evaluator(adapter, policy, episodes=episodes, obs_norm=core.obs_norm)
+
+
+@functools.lru_cache(maxsize=8)
+def _build(config: TrainConfig):
+    from esx_envs import rl
+
     adapter = rl.make_adapter(config.env, max_steps=config.max_steps or None)
     policy = rl.Policy.for_adapter(adapter, width=config.width, depth=config.depth,
                                    layer_norm=config.layer_norm, action_std=config.action_std)
@@ -100,9 +122,6 @@ def make_setup(config: TrainConfig) -> Setup:
         strategy = esx.open_es(**common)
     fitness = rl.make_fitness(adapter, policy, episodes=config.episodes, mode=config.action_mode,
                               obs_norm=config.obs_norm)
-    evaluator = rl.make_evaluator(adapter, policy, episodes=config.eval_episodes, obs_norm=config.obs_norm)
-    final_evaluator = rl.make_evaluator(adapter, policy, episodes=config.final_eval_episodes,
-                                        obs_norm=config.obs_norm)
 
     def generation(state: DriverState, _):
         key = jax.random.fold_in(jax.random.fold_in(state.key, 0), state.es.generation)
@@ -111,15 +130,28 @@ def make_setup(config: TrainConfig) -> Setup:
         stats = rl.update_obs_stats(state.obs_stats, moments) if config.obs_norm else state.obs_stats
         return DriverState(es_state, stats, state.key), metrics
 
-    @jax.jit
-    def _chunk(state, length_marker):
-        return lax.scan(generation, state, None, length=length_marker.shape[0])
+    @functools.partial(jax.jit, static_argnames="capacity")
+    def _chunk(state, length, capacity):
+        # A while loop with a traced trip count: one compiled body serves every chunk length <= capacity, so
+        # where chunks start and end can never change the numbers (nor cost a recompile).
+        shapes = jax.eval_shape(generation, state, None)[1]
+        buf = jax.tree_util.tree_map(lambda x: jnp.zeros((capacity, *x.shape), x.dtype), shapes)
 
-    def run_chunk(state: DriverState, length: int):
-        # The length travels as the shape of a dummy array: one compile per distinct length.
-        return _chunk(state, jnp.zeros((int(length),), jnp.int8))
+        def body(i, carry):
+            s, b = carry
+            s, m = generation(s, None)
+            return s, jax.tree_util.tree_map(lambda bb, x: bb.at[i].set(x), b, m)
 
-    return Setup(config, adapter, policy, strategy, fitness, evaluator, final_evaluator, run_chunk)
+        return lax.fori_loop(0, length, body, (state, buf))
+
+    def run_chunk(state: DriverState, length: int, *, capacity: int):
+        """Runs ``length <= capacity`` generations; returns the new state and the metrics of each."""
+        if not 1 <= length <= capacity:
+            raise ValueError(f"run_chunk: length={length}; must be in [1, {capacity}]")
+        new_state, metrics = _chunk(state, jnp.asarray(length, jnp.int32), capacity=int(capacity))
+        return new_state, jax.tree_util.tree_map(lambda x: x[:length], metrics)
+
+    return adapter, policy, strategy, fitness, run_chunk
 
 
 def init_state(setup: Setup) -> DriverState:
@@ -551,10 +583,8 @@ def load_run(run_dir: str | os.PathLike) -> tuple[Setup, DriverState]:
 
 def evaluate_run(run_dir: str | os.PathLike, *, episodes: int = 100, seed: int = 12345) -> np.ndarray:
     """Greedy returns ``float[episodes]`` of the newest checkpoint of ``run_dir``."""
-    from esx_envs import rl
-
     setup, state = load_run(run_dir)
-    evaluator = rl.make_evaluator(setup.adapter, setup.policy, episodes=episodes, obs_norm=setup.config.obs_norm)
+    evaluator = _evaluator(_core_config(setup.config), episodes)
     return np.asarray(evaluator(state.es.params, jax.random.key(seed), state.obs_stats))
 
 

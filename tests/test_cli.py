@@ -1,0 +1,118 @@
+"""``esx train`` / ``esx eval``: configs, overrides, help, and clear errors for bad input (never a traceback)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from esx import cli, configs
+from esx.configs import ConfigError
+
+# Matches tests/test_driver.py's TINY config so the compiled setup is shared within one pytest process.
+TINY_OVERRIDES = ["seed=3", "generations=8", "population_size=16", "rank=2", "sigma=0.2", "width=8", "depth=1",
+                  "layer_norm=false", "max_steps=40", "obs_norm=true", "chunk=2", "eval_every=4", "eval_episodes=4",
+                  "final_eval_episodes=4", "checkpoint_every=2", "env=CartPole-v1", "name=tiny",
+                  "target_return=none", "episodes=1", "action_mode=stochastic"]
+
+
+def test_named_configs_exist():
+    for name in ("cartpole", "acrobot", "pendulum", "minatar-breakout"):
+        assert configs.get_config(name).name == name
+    assert configs.get_config("pendulum").env == "Pendulum-v1"
+    assert configs.get_config("minatar-breakout").env == "Breakout-MinAtar"
+
+
+def test_overrides_parse_by_field_type():
+    cfg = configs.apply_overrides(configs.get_config("cartpole"),
+                                  ["population_size=64", "sigma=0.05", "obs_norm=yes", "optimizer=adam",
+                                   "target_return=none", "max-steps=100"])
+    assert (cfg.population_size, cfg.sigma, cfg.obs_norm, cfg.optimizer, cfg.target_return, cfg.max_steps) == (
+        64, 0.05, True, "adam", None, 100)
+    assert isinstance(cfg.population_size, int) and isinstance(cfg.sigma, float)
+
+
+def test_bad_overrides_name_the_problem():
+    base = configs.get_config("cartpole")
+    with pytest.raises(ConfigError, match=r"unknown config field 'sigam'; did you mean 'sigma'\?"):
+        configs.apply_overrides(base, ["sigam=0.1"])
+    with pytest.raises(ConfigError, match=r"unknown config field 'popluation_size'; did you mean 'population_size'"):
+        configs.apply_overrides(base, ["popluation_size=8"])
+    with pytest.raises(ConfigError, match=r"bad value 'lots' for field 'generations': expected int"):
+        configs.apply_overrides(base, ["generations=lots"])
+    with pytest.raises(ConfigError, match="not of the form field=value"):
+        configs.apply_overrides(base, ["sigma"])
+    with pytest.raises(ConfigError, match="must be even"):
+        configs.apply_overrides(base, ["population_size=7"])
+    with pytest.raises(ConfigError, match=r"valid optimizers are \['adam', 'sgd'\]"):
+        configs.apply_overrides(base, ["optimizer=lion"])
+    with pytest.raises(ConfigError, match=r"unknown config 'cartpol' \(did you mean 'cartpole'\?\); valid configs "
+                                          r"are \['acrobot', 'cartpole', 'minatar-breakout', 'pendulum'\]"):
+        configs.get_config("cartpol")
+
+
+def test_cli_errors_are_one_line_messages(capsys):
+    assert cli.main(["train", "cartpol"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config 'cartpol'" in err and "minatar-breakout" in err and "Traceback" not in err
+    assert cli.main(["train", "cartpole", "sigam=0.3"]) == 2
+    assert "did you mean 'sigma'?" in capsys.readouterr().err
+    assert cli.main(["train", "cartpole", "env=CartPol-v1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown environment 'CartPol-v1'" in err and "Breakout-MinAtar" in err
+    assert cli.main(["train", "cartpole", "--resume"]) == 2
+    assert "--resume needs --run-dir" in capsys.readouterr().err
+    assert cli.main(["eval", "/nonexistent/run"]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_help_lists_configs_and_fields(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for name in configs.CONFIGS:
+        assert name in out
+    for field in configs.field_names():
+        assert field in out
+    assert "field=value" in out
+
+
+def test_train_eval_resume_through_cli(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert cli.main(["train", "cartpole", *TINY_OVERRIDES, "--run-dir", str(run_dir), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "generation 8: greedy return over 4 episodes" in out
+    assert cli.main(["eval", str(run_dir), "--episodes", "4"]) == 0
+    assert "greedy return over 4 episodes" in capsys.readouterr().out
+    # training longer is a run-control change: allowed on resume
+    assert cli.main(["train", "cartpole", *TINY_OVERRIDES, "generations=10", "--run-dir", str(run_dir),
+                     "--resume", "--no-progress"]) == 0
+    assert "generation 10:" in capsys.readouterr().out
+    # a different config is refused, with the field named
+    assert cli.main(["train", "cartpole", *TINY_OVERRIDES, "generations=12", "sigma=0.3", "--run-dir",
+                     str(run_dir), "--resume", "--no-progress"]) == 2
+    assert "different config (sigma: checkpoint 0.2 vs now 0.3)" in capsys.readouterr().err
+    # a run directory is never overwritten silently
+    assert cli.main(["train", "cartpole", *TINY_OVERRIDES, "--run-dir", str(run_dir), "--no-progress"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    # a corrupt newest checkpoint: clear error naming the intact previous one, which survives
+    from esx import driver
+
+    previous, newest = driver.list_checkpoints(run_dir)
+    (newest / "meta.json").write_text("{trunc")
+    assert cli.main(["eval", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "no readable meta.json" in err and str(previous) in err and previous.exists()
+
+
+def test_console_script_runs(tmp_path):
+    """The installed ``esx`` entry point: an error exits with status 2 and no traceback."""
+    exe = Path(sys.executable).with_name("esx")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "esx.cli"]
+    out = subprocess.run([*cmd, "train", "nope"], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 2 and "valid configs are" in out.stderr and "Traceback" not in out.stderr
