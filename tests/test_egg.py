@@ -1,0 +1,473 @@
+"""Tests of the integer EGG model, integer EGGROLL, the byte data loader and the float twin."""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from esx import int_eggroll as ie
+from esx_envs import egg, text_data
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = egg.EggConfig(dim=16, layers=1)
+
+
+def _tiny_params(seed=0, config=TINY):
+    return egg.init_params(jax.random.key(seed), config)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tables and integer helpers
+
+
+def test_tables_are_small_and_correct():
+    sizes = egg.table_bytes()
+    assert sum(sizes.values()) < 100 * 1024
+    t = ie.normal_table().astype(np.float64)
+    assert t.dtype == np.float64 and len(t) == 65536
+    np.testing.assert_array_equal(t, -t[::-1])                 # exactly symmetric
+    assert abs(t.var() - 256.0) < 2.0                          # round(16 N(0,1)): var 256 + 1/12
+    assert np.abs(t).max() <= 127
+    d = np.arange(255)
+    np.testing.assert_allclose(egg.exp2_table() / 2.0**20, 2.0 ** (-d / 16), atol=1e-6)
+    z = ie.z_table(0.05, 0.015)
+    assert abs(z[0] / 256 - 1.95996) < 0.01 and z[1000] > z[0]
+
+
+def test_rshift_is_sign_symmetric_rounding():
+    x = jnp.arange(-1000, 1001, dtype=jnp.int32)
+    for k in (0, 1, 4, 7):
+        got = np.asarray(ie.rshift(x, k))
+        np.testing.assert_array_equal(got, -np.asarray(ie.rshift(-x, k)))
+        ref = np.sign(np.asarray(x)) * np.floor(np.abs(np.asarray(x)) / 2**k + 0.5)
+        np.testing.assert_array_equal(got, ref)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# noise
+
+
+def test_noise_is_deterministic_in_key_generation_and_pair():
+    params = {"w": jnp.zeros((8, 6), jnp.int8), "b": jnp.zeros((6,), jnp.int8)}
+    strat = ie.int_eggroll(population_size=8)
+    state = strat.init(jax.random.key(3), params)
+    pop1, pop2 = strat.ask(state), strat.ask(state)
+    for x, y in zip(jax.tree_util.tree_leaves(pop1.noise), jax.tree_util.tree_leaves(pop2.noise)):
+        assert x.dtype == jnp.int8
+        np.testing.assert_array_equal(x, y)
+    a = np.asarray(pop1.noise[1][0])                           # "w" (sorted after "b"): A of each pair
+    assert not np.array_equal(a[0], a[1])                      # pairs differ
+    pop3 = strat.ask(state.replace(generation=state.generation + 1))
+    assert not np.array_equal(a, np.asarray(pop3.noise[1][0]))  # generations differ
+    pop4 = strat.ask(strat.init(jax.random.key(4), params))
+    assert not np.array_equal(a, np.asarray(pop4.noise[1][0]))  # keys differ
+    # reuse: noise_reuse=2 keeps the draw for two generations
+    strat2 = ie.int_eggroll(population_size=8, noise_reuse=2)
+    s2 = strat2.init(jax.random.key(3), params)
+    np.testing.assert_array_equal(strat2.ask(s2).noise[1][0], strat2.ask(s2.replace(generation=jnp.int32(1))).noise[1][0])
+    # marginal ~ round(16 N(0,1))
+    big = np.asarray(ie.int_noise(jax.random.key(0), (200_000,), jnp.asarray(ie.normal_table())), np.float64)
+    assert abs(big.mean()) < 0.2 and abs(big.std() - 16.0) < 0.2
+
+
+def test_antithetic_members_are_exact_opposites():
+    params = {"w": jnp.zeros((8, 6), jnp.int8), "b": jnp.zeros((6,), jnp.int8)}
+    strat = ie.int_eggroll(population_size=4, sigma_shift=2)
+    state = strat.init(jax.random.key(0), params)
+    pop = strat.ask(state)
+    x = jax.random.randint(jax.random.key(1), (5, 8), -127, 128).astype(jnp.int8)
+    vp, vm = strat.view(state, pop, 2), strat.view(state, pop, 3)
+    np.testing.assert_array_equal(ie.int_dense(x, vp["w"]), -ie.int_dense(x, vm["w"]))
+    np.testing.assert_array_equal(ie.int_value(vp["b"]), -ie.int_value(vm["b"]))
+    assert np.any(np.asarray(ie.int_value(vp["b"])) != 0)
+
+
+def test_lowrank_forward_matches_dense_reference():
+    rng = np.random.default_rng(0)
+    m, n, r = 16, 12, 2
+    w = rng.integers(-127, 128, (m, n)).astype(np.int8)
+    a = rng.integers(-60, 61, (m, r)).astype(np.int8)
+    b = rng.integers(-60, 61, (n, r)).astype(np.int8)
+    x = rng.integers(-127, 128, (7, m)).astype(np.int8)
+    for sign in (1, -1):
+        leaf = ie.IntLowRank(jnp.asarray(w), jnp.asarray(a), jnp.asarray(b), jnp.int32(sign), jnp.int32(3))
+        got = np.asarray(ie.int_dense(jnp.asarray(x), leaf), np.int64)
+        # dense float reference: x (W + s A Bᵀ / 2^(4 + σ̂))
+        dense = w.astype(np.float64) + sign * (a.astype(np.float64) @ b.T.astype(np.float64)) / 2**7
+        ref = x.astype(np.float64) @ dense
+        # rounding: x A is rounded to 1/16, then the product to 1 unit
+        bound = 1 + np.abs(b.astype(np.float64)).sum(1) * 0.5 / 2**3 + 1e-9
+        assert np.all(np.abs(got - ref) <= bound[None, :])
+        # exact integer definition
+        xa = x.astype(np.int64) @ a.astype(np.int64)
+        xa = np.sign(xa) * ((np.abs(xa) * 2 + 1) >> 5)
+        corr = xa @ b.T.astype(np.int64)
+        corr = np.sign(corr) * ((np.abs(corr) * 2 + 1) >> 4)
+        np.testing.assert_array_equal(got, x.astype(np.int64) @ w.astype(np.int64) + sign * corr)
+    # embedding rows agree with the materialised value
+    leaf = ie.IntLowRank(jnp.asarray(w), jnp.asarray(a), jnp.asarray(b), jnp.int32(-1), jnp.int32(3))
+    ids = jnp.asarray([0, 5, 15])
+    np.testing.assert_array_equal(ie.int_embed(ids, leaf), ie.int_value(leaf)[ids])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the update
+
+
+def _dense_reference_update(strat, state, fitness, labels):
+    """Materialises every A_k B_kᵀ and applies the ±1 rule with numpy (int64)."""
+    pop = strat.ask(state)
+    f = np.asarray(fitness, np.int64)
+    signs = np.sign(f[0::2] - f[1::2])
+    decided = int(np.sum(signs != 0))
+    cfg = strat.config
+    t = int(state.generation)
+    z = int(ie.z_table(cfg.alpha, cfg.alpha_decay)[min(t, ie.Z_TABLE_SIZE - 1)])
+    zs = (z * int(ie.sqrt_table(cfg.num_pairs)[decided])) >> 8
+    var = ie.table_variance()
+    thr = {"lowrank": (zs * int(round(var))) >> 8, "full": (zs * int(round(math.sqrt(var)))) >> 8}
+    out = {}
+    for i, name in enumerate(sorted(state.params)):
+        base = np.asarray(state.params[name], np.int64)
+        nz = pop.noise[i]
+        if labels[name] == "lowrank":
+            a, b = np.asarray(nz[0], np.int64), np.asarray(nz[1], np.int64)
+            e = sum(signs[k] * (a[k] @ b[k].T) for k in range(len(signs)))
+        else:
+            eps = np.asarray(nz, np.int64)
+            e = sum(signs[k] * eps[k] for k in range(len(signs)))
+        step = np.where(np.abs(e) > thr[labels[name]], np.sign(e), 0) if decided else 0
+        out[name] = np.clip(base + step, -127, 127)
+    return out
+
+
+def test_update_matches_dense_integer_reference():
+    labels = {"w": "lowrank", "b": "full", "v": "full"}
+    params = {"w": jnp.asarray(np.random.default_rng(1).integers(-127, 128, (6, 5)), jnp.int8),
+              "b": jnp.full((5,), 127, jnp.int8), "v": jnp.zeros((3,), jnp.int8)}
+    strat = ie.int_eggroll(population_size=16, alpha=0.3, labels=labels, rank=1)
+    state = strat.init(jax.random.key(5), params)
+    for gen in range(3):
+        fitness = jax.random.randint(jax.random.fold_in(jax.random.key(9), gen), (16,), -5, 6)
+        ref = _dense_reference_update(strat, state, fitness, labels)
+        state, metrics = strat.tell(state, fitness)
+        for name in params:
+            assert state.params[name].dtype == jnp.int8
+            np.testing.assert_array_equal(np.asarray(state.params[name], np.int64), ref[name])
+    assert int(state.generation) == 3
+    # tally split over pairs sums to the full tally (sharded updates)
+    fitness = jax.random.randint(jax.random.key(11), (16,), -5, 6)
+    full = strat.gradient(state, fitness)
+    parts = [strat.gradient(state, fitness, pairs=jnp.arange(4) + 4 * i) for i in range(2)]
+    for k in full:
+        np.testing.assert_array_equal(full[k], parts[0][k] + parts[1][k])
+
+
+def test_changed_fraction_matches_alpha_under_null_fitness():
+    alpha = 0.05
+    params = {"w": jnp.zeros((64, 64), jnp.int8), "b": jnp.zeros((4096,), jnp.int8)}
+    strat = ie.int_eggroll(population_size=1024, alpha=alpha, alpha_decay=0.015,
+                           labels={"w": "lowrank", "b": "full"})
+    state = strat.init(jax.random.key(0), params)
+    tell = jax.jit(strat.tell)
+    fracs = {}
+    for t in (0, 200):
+        st = state.replace(generation=jnp.int32(t))
+        fitness = jax.random.randint(jax.random.key(t + 1), (1024,), 0, 1000)   # independent of the noise
+        new, m = tell(st, fitness)
+        for name in params:
+            fracs[(t, name)] = float(np.mean(np.asarray(new.params[name]) != 0))
+        assert abs(float(m.alpha) - alpha / (0.015 * t + 1)) < 1e-6
+    for t in (0, 200):
+        a_t = alpha / (0.015 * t + 1)
+        for name in params:
+            # 4096 entries (weakly dependent for the low-rank leaf): within 5 binomial std + 25% of α_t
+            tol = 5 * math.sqrt(a_t * (1 - a_t) / 4096) + 0.25 * a_t
+            assert abs(fracs[(t, name)] - a_t) < tol, (t, name, fracs[(t, name)], a_t)
+
+
+def test_update_saturates_at_127():
+    labels = {"w": "lowrank", "b": "full"}
+    params = {"w": jnp.full((4, 4), 127, jnp.int8), "b": jnp.full((8,), -127, jnp.int8)}
+    strat = ie.int_eggroll(population_size=64, alpha=0.5, labels=labels)
+    state = strat.init(jax.random.key(0), params)
+    tell = jax.jit(strat.tell)
+    moved = 0
+    for g in range(20):
+        fitness = jax.random.randint(jax.random.key(g), (64,), 0, 100)
+        before = state.params
+        state, m = tell(state, fitness)
+        moved += int(np.sum(np.asarray(state.params["w"]) != np.asarray(before["w"])))
+        for leaf in jax.tree_util.tree_leaves(state.params):
+            assert leaf.dtype == jnp.int8
+            assert int(jnp.max(leaf)) <= 127 and int(jnp.min(leaf)) >= -127
+    assert moved > 0  # some weights moved down from 127 ...
+    assert int(jnp.max(state.params["w"])) == 127  # ... and others stayed pinned at the top
+
+
+def test_tie_only_generation_changes_nothing():
+    params = {"w": jnp.ones((4, 4), jnp.int8)}
+    strat = ie.int_eggroll(population_size=8)
+    state = strat.init(jax.random.key(0), params)
+    new, m = strat.tell(state, jnp.zeros(8, jnp.int32))
+    np.testing.assert_array_equal(new.params["w"], params["w"])
+    assert bool(m.skipped) and int(new.generation) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# integer-only model
+
+
+def _walk(jaxpr, seen_prims):
+    for v in list(jaxpr.invars) + list(jaxpr.outvars) + list(jaxpr.constvars):
+        aval = getattr(v, "aval", None)
+        if aval is not None and hasattr(aval, "dtype"):
+            assert not jnp.issubdtype(aval.dtype, jnp.inexact), f"float var {v} : {aval}"
+    for eqn in jaxpr.eqns:
+        seen_prims.add(eqn.primitive.name)
+        for v in list(eqn.invars) + list(eqn.outvars):
+            aval = getattr(v, "aval", None)
+            if aval is not None and hasattr(aval, "dtype"):
+                assert not jnp.issubdtype(aval.dtype, jnp.inexact), f"float value in {eqn.primitive.name}: {aval}"
+        for k, p in eqn.params.items():
+            if k in ("dtype", "new_dtype", "preferred_element_type") and p is not None:
+                assert not jnp.issubdtype(p, jnp.inexact), f"{eqn.primitive.name} with {k}={p}"
+            for sub in (p if isinstance(p, (list, tuple)) else [p]):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    _walk(sub.jaxpr, seen_prims)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    _walk(sub, seen_prims)
+
+
+def test_forward_and_fitness_jaxprs_are_integer_only():
+    config = egg.EggConfig(dim=16, layers=2)
+    params = _tiny_params(config=config)
+    strat = ie.int_eggroll(population_size=4, labels=egg.labels(params))
+    state = strat.init(jax.random.key(0), params)
+    fitness = egg.make_fitness(config)
+    data = {"tokens": jnp.zeros((4, 2, 9), jnp.int32), "resets": jnp.zeros((4, 2, 8), bool),
+            "hidden": jnp.zeros((4, 2, 2, 16), jnp.int8)}
+
+    def population_fitness(state, data):
+        return strat.evaluate(state, fitness, jax.random.key(1), data, data_per_member=True, has_aux=True)
+
+    prims = set()
+    _walk(jax.make_jaxpr(population_fitness)(state, data).jaxpr, prims)
+    assert {"dot_general", "scan", "clz"} <= prims
+    hid = jnp.zeros((2, 16), jnp.int8)
+    prims2 = set()
+    _walk(jax.make_jaxpr(lambda p, t: egg.forward(p, t, hid, config=config))(params, jnp.zeros(8, jnp.int32)).jaxpr,
+          prims2)
+    _walk(jax.make_jaxpr(egg.log2_likelihood)(jnp.zeros((3, 256), jnp.int8), jnp.zeros(3, jnp.int32)).jaxpr, prims2)
+    # and the walker does catch floats
+    with pytest.raises(AssertionError):
+        _walk(jax.make_jaxpr(lambda x: (x.astype(jnp.float32) * 2).astype(jnp.int32))(jnp.int32(1)).jaxpr, set())
+
+
+def test_matmuls_are_int8_with_int32_accumulation():
+    params = _tiny_params()
+    jaxpr = jax.make_jaxpr(lambda p: egg.forward(p, jnp.zeros(4, jnp.int32), jnp.zeros((1, 16), jnp.int8),
+                                                 config=TINY))(params)
+    dots = []
+
+    def find(j):
+        for e in j.eqns:
+            if e.primitive.name == "dot_general":
+                dots.append(e)
+            for p in e.params.values():
+                for s in (p if isinstance(p, (list, tuple)) else [p]):
+                    if isinstance(s, jax.extend.core.ClosedJaxpr):
+                        find(s.jaxpr)
+    find(jaxpr.jaxpr)
+    assert dots
+    for e in dots:
+        assert [v.aval.dtype for v in e.invars] == [jnp.int8, jnp.int8]
+        assert e.outvars[0].aval.dtype == jnp.int32
+
+
+def test_integer_log_likelihood_matches_float_log_softmax():
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.integers(-127, 128, (4000, 256)), jnp.int8)
+    peaked = jnp.asarray(np.clip(rng.normal(0, 40, (4000, 256)), -127, 127).astype(np.int8))
+    targets = jnp.asarray(rng.integers(0, 256, 4000), jnp.int32)
+    for lg in (logits, peaked):
+        got = np.asarray(egg.log2_likelihood(lg, targets)) / 4096.0
+        ref = np.asarray(egg.float_log2_likelihood(lg, targets), np.float64)
+        assert np.max(np.abs(got - ref)) < 0.01
+        assert abs(got.mean() - ref.mean()) < 0.02
+    # on the model's own logits, over real text: bits/byte agree
+    split = text_data.load_split()
+    params = _tiny_params()
+    tok = jnp.asarray(split.valid[:2001].astype(np.int32))
+    lg, _ = egg.forward(params, tok[:-1], jnp.zeros((1, 16), jnp.int8), config=TINY)
+    bpb_int = -float(jnp.sum(egg.log2_likelihood(lg, tok[1:]))) / 4096 / 2000
+    bpb_float = -float(jnp.mean(egg.float_log2_likelihood(lg, tok[1:])))
+    assert abs(bpb_int - bpb_float) <= 0.02
+    assert math.isclose(egg.bits_per_byte(params, split.valid[:2001], config=TINY, streams=1), bpb_int,
+                        rel_tol=1e-6)
+
+
+def test_layer_norm_divides_by_mean_absolute_value():
+    x = jnp.asarray(np.random.default_rng(0).integers(-60, 61, (50, 16)), jnp.int8)
+    y = np.asarray(egg.layer_norm(x, jnp.full((16,), 16, jnp.int8)), np.float64)
+    xf = np.asarray(x, np.float64)
+    ref = np.clip(16 * xf / np.abs(xf).mean(-1, keepdims=True), -127, 127)
+    assert np.max(np.abs(y - ref)) <= 0.06 * np.abs(ref).max() + 1
+
+
+def test_hidden_state_resets_at_document_boundaries():
+    params = _tiny_params()
+    tok = jnp.asarray(np.frombuffer(b"hello world, hello again", np.uint8).astype(np.int32))
+    hid0 = jnp.zeros((1, 16), jnp.int8)
+    _, carried = egg.forward(params, tok[:10], hid0, config=TINY)
+    resets = jnp.zeros(14, bool).at[0].set(True)
+    a, _ = egg.forward(params, tok[10:], carried, resets, config=TINY)
+    b, _ = egg.forward(params, tok[10:], hid0, config=TINY)
+    c, _ = egg.forward(params, tok[10:], carried, config=TINY)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(np.asarray(a), np.asarray(c))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data
+
+
+def test_shipped_corpus_and_split():
+    assert text_data.DEFAULT_PATH.is_file()
+    assert hashlib.sha256(text_data.DEFAULT_PATH.read_bytes()).hexdigest() == text_data.SHAKESPEARE_SHA256
+    s = text_data.load_split()
+    assert len(s.train) + len(s.valid) == 1_115_394
+    assert len(s.train) == round(0.9 * 1_115_394)
+    assert bytes(s.valid[:20]) == text_data.DEFAULT_PATH.read_bytes()[len(s.train):len(s.train) + 20]
+
+
+def test_folder_loader_marks_documents(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a.txt").write_bytes(b"first doc")
+    (tmp_path / "b" / "c.txt").write_bytes(b"second")
+    (tmp_path / "b" / "d.md").write_bytes(b"third!")
+    data, starts = text_data.load_bytes(tmp_path)
+    assert bytes(data) == b"first docsecondthird!"
+    assert list(np.flatnonzero(starts)) == [0, 9, 15]
+    data, starts = text_data.load_bytes(tmp_path, suffixes=(".txt",))
+    assert bytes(data) == b"first docsecond"
+    d2, s2 = text_data.documents_to_bytes(["ab", "", "cde"])
+    assert bytes(d2) == b"abcde" and list(np.flatnonzero(s2)) == [0, 2]
+
+
+def test_streams_are_contiguous_and_pure():
+    data, starts = text_data.documents_to_bytes([b"x" * 50, b"y" * 70])
+    st = text_data.Streams(data, starts, num_streams=3, length=16, seed=1)
+    t0, r0 = st.batch(0)
+    t1, r1 = st.batch(1)
+    assert t0.shape == (3, 17) and r0.shape == (3, 16)
+    np.testing.assert_array_equal(t0[:, -1], t1[:, 0])          # next window continues the stream
+    np.testing.assert_array_equal(st.batch(1)[0], t1)            # pure in the generation
+    assert r0[:, 0].all()
+    # a reset exactly where a document starts (or the data wraps)
+    for g in range(12):
+        tok, res = st.batch(g)
+        idx = (st.offsets[:, None] + g * 16 + np.arange(16)[None, :]) % len(data)
+        np.testing.assert_array_equal(res | (g == 0) & (np.arange(16) == 0), st.starts[idx] | (g == 0) & (np.arange(16) == 0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training
+
+
+def _train(config, *, population, generations, length=32, alpha=0.1, seed=0, group_size=2, streams_per_member=1):
+    split = text_data.load_split()
+    params = egg.init_params(jax.random.key(seed), config)
+    strat = ie.int_eggroll(population_size=population, alpha=alpha, group_size=group_size,
+                           labels=egg.labels(params))
+    state = strat.init(jax.random.key(seed + 1), params)
+    groups = population // group_size
+    streams = text_data.Streams(split.train, split.train_starts, num_streams=groups * streams_per_member,
+                                length=length, seed=seed)
+    gen = egg.make_generation(strat, config)
+    hidden = egg.initial_hidden(population, streams_per_member, config)
+    for g in range(generations):
+        tok, res = streams.batch(g)
+        state, hidden, m = gen(state, hidden, tok.reshape(groups, streams_per_member, -1),
+                               res.reshape(groups, streams_per_member, -1))
+    return state, split, m
+
+
+def test_short_training_brings_loss_well_below_8_bits():
+    state, split, m = _train(TINY, population=64, generations=120, length=32, alpha=0.2)
+    before = egg.bits_per_byte(_tiny_params(), split.valid, config=TINY, streams=8, length=512)
+    after = egg.bits_per_byte(state.params, split.valid, config=TINY, streams=8, length=512)
+    assert after < 6.0, (before, after)
+    assert after < before - 1.0
+    text = egg.sample(state.params, "ROMEO:", 40, jax.random.key(0), config=TINY)
+    assert text.startswith("ROMEO:") and len(text.encode("utf-8", errors="replace")) >= 40
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# float twin
+
+
+def test_float_twin_backprop_learns_and_mirrors_shapes():
+    import optax
+
+    from esx_envs import float_twin as ft
+
+    params = ft.init_params(jax.random.key(0), TINY)
+    ip = _tiny_params()
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(ip)
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(ip)):
+        assert a.shape == b.shape
+    split = text_data.load_split()
+    opt = optax.adam(3e-2)
+    step = ft.make_backprop_step(opt, TINY)
+    streams = text_data.Streams(split.train, split.train_starts, num_streams=8, length=32)
+    hidden = jnp.zeros((8, 1, 16))
+    state = opt.init(params)
+    before = ft.bits_per_byte(params, split.valid, config=TINY, streams=8, length=256)
+    for g in range(60):
+        tok, res = streams.batch(g)
+        params, state, hidden, loss = step(params, state, hidden, jnp.asarray(tok), jnp.asarray(res))
+    after = ft.bits_per_byte(params, split.valid, config=TINY, streams=8, length=256)
+    assert after < before - 1.0 and after < 5.5, (before, after)
+
+
+def test_float_twin_trains_with_float_eggroll():
+    import optax
+
+    import esx
+    from esx_envs import float_twin as ft
+
+    params = ft.init_params(jax.random.key(0), TINY)
+    strat = esx.eggroll(population_size=32, sigma=0.05, optimizer=optax.adam(0.05), group_size=2)
+    state = strat.init(jax.random.key(1), params)
+    gen = ft.make_es_generation(strat, TINY)
+    split = text_data.load_split()
+    streams = text_data.Streams(split.train, split.train_starts, num_streams=16, length=32)
+    hidden = jnp.zeros((32, 1, 1, 16))
+    before = ft.bits_per_byte(params, split.valid, config=TINY, streams=8, length=256)
+    for g in range(40):
+        tok, res = streams.batch(g)
+        state, hidden, m = gen(state, hidden, jnp.asarray(tok)[:, None], jnp.asarray(res)[:, None])
+    after = ft.bits_per_byte(state.params, split.valid, config=TINY, streams=8, length=256)
+    assert after < before - 0.5, (before, after)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# notebook
+
+
+@pytest.mark.slow
+def test_egg_notebook_runs():
+    from tests.test_notebooks import outputs_text, run_notebook
+
+    nb = run_notebook("egg_int8.ipynb", {"ESX_EGG_GENERATIONS": "60", "ESX_EGG_POPULATION": "64"})
+    text = outputs_text(nb)
+    line = next(t for t in text.splitlines() if t.startswith("validation bits/byte:"))
+    start, end = (float(v) for v in line.split(":")[1].split("->"))
+    assert end < start - 1.0
