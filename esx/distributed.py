@@ -327,8 +327,7 @@ def communication_bytes(strategy: Strategy, params: Any, num_devices: int, place
     }
 
 
-_COLLECTIVE = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|"
-                         r"collective-permute)(-start)?\(")
+_COLLECTIVE = re.compile(r"\s(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)\(")
 _ARRAY = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]")
 _ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
              "f32": 4, "s64": 8, "u64": 8, "f64": 8}
@@ -338,19 +337,22 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
     """Payload bytes of each collective kind in compiled HLO text (``jitted.lower(...).compile().as_text()``).
 
     The payload of a collective is the size of its result on one device (an all-gather's gathered array, an
-    all-reduce's reduced array). Used to check :func:`communication_bytes` against what XLA actually emits.
+    all-reduce's reduced array; XLA may combine several all-reduces into one with a tuple result). Used to
+    check :func:`communication_bytes` against what XLA actually emits. Meant for synchronous collectives
+    (CPU); the asynchronous ``*-start`` / ``*-done`` pairs of GPU/TPU HLO are not counted.
     """
     out: dict[str, int] = {}
     for line in hlo_text.splitlines():
         m = _COLLECTIVE.search(line)
-        if not m:
+        eq = line.find(" = ")
+        if not m or not 0 <= eq < m.start():
             continue
         size = 0
-        for dtype, dims in _ARRAY.findall(m.group(1)):
+        for dtype, dims in _ARRAY.findall(line[eq + 3:m.start()]):  # the result shape (a tuple if combined)
             if dtype not in _ITEMSIZE:
                 continue
             size += _ITEMSIZE[dtype] * math.prod(int(v) for v in dims.split(",") if v)
-        out[m.group(2)] = out.get(m.group(2), 0) + size
+        out[m.group(1)] = out.get(m.group(1), 0) + size
     return out
 
 
@@ -363,11 +365,12 @@ class DistributedConfig:
     """Where a process sits in a multi-process run.
 
     Attributes:
-      coordinator_address: ``"host:port"`` of process 0's coordinator service.
+      coordinator_address: ``"host:port"`` of process 0's coordinator service (``""`` when JAX chose it).
       num_processes: number of processes.
       process_id: this process, in ``[0, num_processes)``.
       local_device_ids: devices this process drives (``None``: all visible / JAX's default).
-      source: which environment the values came from (``"arguments"``, ``"jax"``, ``"slurm"``, ``"torch"``).
+      source: which environment the values came from (``"arguments"``, ``"jax"``, ``"slurm"``, ``"torch"``, or
+        ``"jax-auto"`` for JAX's own cluster detection).
     """
 
     coordinator_address: str
@@ -453,6 +456,7 @@ def initialize_from_env(
     process_id: int | None = None,
     local_device_ids: Sequence[int] | None = None,
     cpu_collectives: str | None = "gloo",
+    auto_detect: bool = False,
     environ: Mapping[str, str] | None = None,
 ) -> DistributedConfig | None:
     """Calls ``jax.distributed.initialize`` from explicit arguments or the environment (:func:`config_from_env`).
@@ -461,6 +465,11 @@ def initialize_from_env(
     environment and no arguments) it does nothing and returns ``None``; otherwise it returns the
     :class:`DistributedConfig` used. ``cpu_collectives`` sets ``jax_cpu_collectives_implementation``
     (``"gloo"`` makes CPU-only runs work across processes; it does not affect GPU/TPU; ``None`` leaves it).
+
+    ``auto_detect=True``: when neither arguments nor environment describe a multi-process run, call
+    ``jax.distributed.initialize()`` without arguments, so JAX's own cluster detection applies (Cloud TPU pods,
+    GKE, Open MPI); the returned config then has ``source="jax-auto"``. Do not use it for a plain single-process
+    run on a machine without such a cluster: JAX raises there.
     """
     explicit = (coordinator_address, num_processes, process_id)
     if any(v is not None for v in explicit):
@@ -473,6 +482,11 @@ def initialize_from_env(
             return None
     else:
         cfg = config_from_env(environ)
+        if cfg is None and auto_detect:
+            if cpu_collectives is not None:
+                jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+            jax.distributed.initialize()
+            return DistributedConfig("", jax.process_count(), jax.process_index(), None, "jax-auto")
         if cfg is None:
             return None
         if local_device_ids is not None:

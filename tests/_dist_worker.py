@@ -91,6 +91,27 @@ def single(out_dir):
             out = run(step, strategy, params, data)
             result[f"{placement}_{n}"] = compare(out, ref)
 
+    # The composable path (as a driver uses it): a lax.scan over generations inside one replicated map, with
+    # evaluate's aux all-gathered; must equal esx.step bit for bit.
+    mesh = dist.make_mesh(jax.devices()[:4])
+    sharded = dist.shard_strategy(strategy, placement="gather")
+    with_aux = lambda view, key, data: (fitness(view, key, data), view["b"].eps[:1])  # noqa: E731
+
+    def generation(state, k_eval):
+        fit, aux = sharded.evaluate(state, with_aux, k_eval, data, has_aux=True)
+        state, metrics = sharded.tell(state, fit)
+        return state, (metrics.fitness_mean, aux)
+
+    chunk = jax.jit(dist.replicated_map(lambda s, keys: jax.lax.scan(generation, s, keys), mesh=mesh))
+    keys, key = [], jax.random.key(1)
+    for _ in range(GENERATIONS):
+        key, k_eval = jax.random.split(key)
+        keys.append(k_eval)
+    state0 = strategy.init(jax.random.key(0), params)
+    state, (_, aux) = chunk(*dist.replicate((state0, jnp.stack(keys)), mesh))
+    result["scan_4"] = compare(dist.to_host(state.params), ref)
+    result["scan_aux_shape"] = list(aux.shape)
+
     # A member's noise does not depend on the device: read every pair's factors back through evaluate's aux,
     # with the device order of the mesh reversed (pair block 0 on the last device) and compare with ask().
     strategy = problem("normal")[0]

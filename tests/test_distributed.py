@@ -40,17 +40,40 @@ def _env(num_devices: int) -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], env: dict[str, str]) -> None:
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+def _start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen) -> None:
+    try:
+        stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
     if proc.returncode:
-        pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        pytest.fail(f"{' '.join(proc.args)} failed ({proc.returncode}):\n{stdout[-4000:]}\n{stderr[-4000:]}")
 
 
 @pytest.fixture(scope="module")
-def single_host(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist")
-    _run([sys.executable, str(WORKER), "single", str(out)], _env(8))
-    return out, json.loads((out / "single.json").read_text())
+def runs(tmp_path_factory):
+    """Both scenarios, started together (each compile is mostly single-threaded): ``(single, multi)`` dirs."""
+    single, multi = tmp_path_factory.mktemp("single"), tmp_path_factory.mktemp("multi")
+    launcher = ROOT / "scripts" / "launch_local.sh"
+    procs = [_start([sys.executable, str(WORKER), "single", str(single)], _env(8)),
+             _start(["bash", str(launcher), "2", sys.executable, str(WORKER), "multi", str(multi)], _env(2))]
+    try:
+        for proc in procs:
+            _finish(proc)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    return single, multi
+
+
+@pytest.fixture(scope="module")
+def single_host(runs):
+    return runs[0], json.loads((runs[0] / "single.json").read_text())
 
 
 def _params(path: Path) -> dict[str, np.ndarray]:
@@ -78,6 +101,12 @@ def test_gather_is_bit_identical_to_step_for_any_device_count(single_host, num_d
 def test_reduce_matches_step_to_rounding(single_host, num_devices):
     _, res = single_host
     assert res[f"reduce_{num_devices}"]["rel"] <= 1e-6, res[f"reduce_{num_devices}"]
+
+
+def test_scan_with_shard_strategy_matches_step(single_host):
+    _, res = single_host
+    assert res["scan_4"]["bitwise"], res["scan_4"]
+    assert res["scan_aux_shape"] == [5, 16, 1]  # generations, members (all-gathered), aux
 
 
 def test_member_noise_does_not_depend_on_device(single_host):
@@ -108,17 +137,15 @@ def test_communication_bytes_match_compiled_collectives(single_host, placement):
 # two processes under jax.distributed
 
 
-def test_two_processes_match_one_process(single_host, tmp_path):
-    out, _ = single_host
-    launcher = ROOT / "scripts" / "launch_local.sh"
-    _run(["bash", str(launcher), "2", sys.executable, str(WORKER), "multi", str(tmp_path)], _env(2))
-    ref = _params(out / "reference.npz")
+def test_two_processes_match_one_process(runs):
+    single, multi = runs
+    ref = _params(single / "reference.npz")
     for pid in (0, 1):
-        info = json.loads((tmp_path / f"multi_{pid}.json").read_text())
+        info = json.loads((multi / f"multi_{pid}.json").read_text())
         assert info == {"process_id": pid, "process_count": 2, "device_count": 4, "local_device_count": 2,
                         "config_source": "jax"}
-        gather = _params(tmp_path / f"multi_gather_{pid}.npz")
-        reduce = _params(tmp_path / f"multi_reduce_{pid}.npz")
+        gather = _params(multi / f"multi_gather_{pid}.npz")
+        reduce = _params(multi / f"multi_reduce_{pid}.npz")
         for name in ref:
             np.testing.assert_array_equal(gather[name], ref[name])
             rel = np.linalg.norm(reduce[name] - ref[name]) / np.linalg.norm(ref[name])
@@ -154,20 +181,6 @@ def test_bad_options_are_errors():
     with pytest.raises(ValueError, match="placement"):
         dist.shard_strategy(strategy, placement="psum")
     assert dist.shard_strategy(strategy) is dist.shard_strategy(strategy)  # cached: no recompiles
-
-
-def test_sharded_step_on_one_local_device_matches_step():
-    strategy = _strategy(8, rank=1)
-    params = {"w": jnp.full((2, 3), 0.1), "b": jnp.zeros(3)}
-    fitness = lambda view, key, data: -jnp.sum((esx.dense(data, view["w"]) + esx.value(view["b"]) - 1.0) ** 2)  # noqa: E731
-    data = jnp.ones((1, 2))
-    state = strategy.init(jax.random.key(0), params)
-    mesh = dist.make_mesh(jax.devices()[:1])
-    a, ma = esx.step(strategy, state, fitness, jax.random.key(1), data)
-    b, mb = dist.sharded_step(strategy, state, fitness, jax.random.key(1), data, mesh=mesh, placement="reduce")
-    for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6)
-    assert int(mb.generation) == int(ma.generation) == 0 and int(b.generation) == 1
 
 
 def test_first_host():
@@ -216,3 +229,13 @@ def test_communication_bytes_for_the_documented_mlp():
     assert gather["payload_bytes"] == 4 * 4096 and gather["sent_bytes_per_device"] == 4 * 4096 * 7 // 8
     assert reduce["gradient_allreduce_bytes"] == 4 * 3 * (1024 * 1024 + 1024)
     assert reduce["sent_bytes_per_device"] == 4 * 4096 * 7 // 8 + 2 * 7 * 4 * 3 * (1024 * 1024 + 1024) // 8
+
+
+def test_collective_bytes_reads_combined_all_reduces():
+    hlo = "\n".join([
+        "  %all_gather.3 = f32[64]{0} all-gather(%x), channel_id=1, dimensions={0}",
+        "  %all-reduce = (f32[64]{0}, f32[64,64]{1,0}, /*index=5*/bf16[8,2]{1,0}) all-reduce(%a, %b, /*index=5*/%c)",
+        "  %get-tuple-element.1 = f32[64]{0} get-tuple-element(%all-reduce), index=0",
+        "  %add = f32[64]{0} add(%all_gather.3, %get-tuple-element.1)",
+    ])
+    assert dist.collective_bytes(hlo) == {"all-gather": 256, "all-reduce": 4 * 64 + 4 * 64 * 64 + 2 * 16}
