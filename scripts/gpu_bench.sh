@@ -5,17 +5,20 @@
 set -euo pipefail
 OUT="${OUT:-$PWD/gpu_bench_out}"; mkdir -p "$OUT"; export OUT
 PY="${PYTHON:-python3}"
+PIP="$PY -m pip install -q --timeout 30 --retries 1"
 log() { echo "[gpu_bench] $*" | tee -a "$OUT/setup.log"; }
 log "python: $($PY --version 2>&1)"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$OUT/setup.log" || true
 if ! $PY -c "import esx" 2>/dev/null; then
-  log "installing esx (editable)"; $PY -m pip install -q -e . 2>&1 | tail -3 | tee -a "$OUT/setup.log"
+  log "installing esx (editable)"; $PIP -e . 2>&1 | tail -3 | tee -a "$OUT/setup.log"
 fi
-if ! $PY -c "import jax, sys; sys.exit(0 if any(d.platform == 'gpu' for d in jax.devices()) else 1)" 2>/dev/null; then
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+  log "no nvidia-smi: this is not a GPU machine; refusing to install CUDA wheels (results will be for $($PY -c 'import jax; print(jax.devices()[0].platform)'))"
+elif [ "${SKIP_INSTALL:-0}" != 1 ] && ! $PY -c "import jax, sys; sys.exit(0 if any(d.platform == 'gpu' for d in jax.devices()) else 1)" 2>/dev/null; then
   log "no GPU backend in jax; installing jax[cuda12] matching the installed jax"
   JV=$($PY -c "import jax; print(jax.__version__)" 2>/dev/null || echo "")
-  if [ -n "$JV" ]; then $PY -m pip install -q "jax[cuda12]==$JV" 2>&1 | tail -3 | tee -a "$OUT/setup.log"
-  else $PY -m pip install -q "jax[cuda12]" 2>&1 | tail -3 | tee -a "$OUT/setup.log"; fi
+  if [ -n "$JV" ]; then $PIP "jax[cuda12]==$JV" 2>&1 | tail -3 | tee -a "$OUT/setup.log"
+  else $PIP "jax[cuda12]" 2>&1 | tail -3 | tee -a "$OUT/setup.log"; fi
 fi
 $PY -c "import jax; print('devices:', jax.devices())" 2>&1 | tee -a "$OUT/setup.log"
-$PY -c "import evosax" 2>/dev/null || { log "evosax missing: installing (B2 baseline)"; $PY -m pip install -q "evosax>=0.2" 2>&1 | tail -2 | tee -a "$OUT/setup.log" || true; }
+$PY -c "import evosax" 2>/dev/null || { log "evosax missing: installing (B2 baseline)"; $PIP "evosax>=0.2" 2>&1 | tail -2 | tee -a "$OUT/setup.log" || true; }
 timeout "${GPU_BENCH_TIMEOUT:-270}" $PY scripts/gpu_bench.py 2>&1 | tee "$OUT/gpu_bench.log"
