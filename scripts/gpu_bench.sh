@@ -8,8 +8,9 @@ PY="${PYTHON:-python3}"
 PIP="$PY -m pip install -q --timeout 30 --retries 1"
 log() { echo "[gpu_bench] $*" | tee -a "$OUT/setup.log"; }
 log "python: $($PY --version 2>&1)"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$OUT/setup.log" || true
-if ! $PY -c "import esx" 2>/dev/null; then
-  log "installing esx (editable)"; $PIP -e . 2>&1 | tail -3 | tee -a "$OUT/setup.log"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # esx from this checkout even if pip cannot install it
+if ! (cd /tmp && $PY -c "import esx") 2>/dev/null; then
+  log "installing esx (editable, no deps)"; $PIP --no-deps -e . 2>&1 | tail -3 | tee -a "$OUT/setup.log" || true
 fi
 if ! command -v nvidia-smi >/dev/null 2>&1; then
   log "no nvidia-smi: this is not a GPU machine; refusing to install CUDA wheels (results will be for $($PY -c 'import jax; print(jax.devices()[0].platform)'))"
