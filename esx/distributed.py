@@ -121,6 +121,10 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
             impl = jax.random.key_impl(x)
             data = replicate(jax.random.key_data(x), mesh)
             return jax.random.wrap_key_data(data, impl=impl)
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:  # a global array on another mesh
+            if not x.is_fully_replicated:
+                raise ValueError("replicate: a multi-process array that is not fully replicated")
+            x = x.addressable_data(0)
         host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
