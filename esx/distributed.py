@@ -113,7 +113,10 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     multi = jax.process_count() > 1
 
     def put(x):
-        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+        # Exact equality, not `is_equivalent_to`: on one device an uncommitted single-device array is
+        # "equivalent" but jit keys its cache on the sharding, so the next call (fed our NamedSharding
+        # outputs) would compile a second time.
+        if isinstance(x, jax.Array) and x.sharding == sharding:
             return x
         if not multi:
             return jax.device_put(x, sharding)

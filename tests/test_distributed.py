@@ -239,3 +239,17 @@ def test_collective_bytes_reads_combined_all_reduces():
         "  %add = f32[64]{0} add(%all_gather.3, %get-tuple-element.1)",
     ])
     assert dist.collective_bytes(hlo) == {"all-gather": 256, "all-reduce": 4 * 64 + 4 * 64 * 64 + 2 * 16}
+
+
+def test_sharded_step_compiles_once_across_generations():
+    """Regression: the first call's inputs must already carry the sharding the outputs have (one compile)."""
+    params = {"w": jnp.zeros((8, 8))}
+    fit = lambda p, k, d: -jnp.sum(esx.dense(jnp.ones((1, 8)), p["w"]) ** 2)
+    strategy = esx.eggroll(population_size=8, sigma=0.1, optimizer=optax.sgd(0.1))
+    state = strategy.init(jax.random.key(0), params)
+    mesh = dist.make_mesh(jax.devices()[:1])
+    before = dist._sharded_step._cache_size()
+    for g in range(3):
+        state, _ = dist.sharded_step(strategy, state, fit, jax.random.key(g), mesh=mesh)
+    assert dist._sharded_step._cache_size() == before + 1
+    assert int(state.generation) == 3
