@@ -212,6 +212,12 @@ class Policy:
         w_out = jax.random.normal(keys[-1], (sizes[-1], self.action_dim), jnp.float32) * (0.01 / math.sqrt(sizes[-1]))
         return {"hidden": hidden, "out": {"w": w_out, "b": jnp.zeros(self.action_dim, jnp.float32)}}
 
+    def prepare(self, params: Any) -> Any:
+        """Resolves the member's full-rank leaves (biases, norm parameters) to plain arrays once, before a rollout,
+        so the per-step forward does not redo ``base + σ ε``; low-rank matrices stay factored."""
+        return jax.tree_util.tree_map(lambda x: esx.value(x) if isinstance(x, esx.Full) else x, params,
+                                      is_leaf=lambda x: isinstance(x, (esx.Full, esx.LowRank)))
+
     def __call__(self, params: Any, obs: jax.Array) -> jax.Array:
         """``obs: float[*obs_shape]`` -> ``float[action_dim]`` (logits, or the pre-``tanh`` action mean)."""
         h = jnp.reshape(obs, (-1,)).astype(jnp.float32)
@@ -313,15 +319,18 @@ def update_obs_stats(stats: ObsStats, moments: ObsMoments) -> ObsStats:
 # Rollouts and the fitness function
 # ----------------------------------------------------------------------------------------------------------------
 def rollout(adapter: Adapter, policy: Policy, params: Any, key: jax.Array, stats: ObsStats | None = None, *,
-            mode: ActionMode = "greedy", max_steps: int | None = None) -> tuple[jax.Array, jax.Array, ObsMoments]:
+            mode: ActionMode = "greedy", max_steps: int | None = None,
+            stop_early: bool = True) -> tuple[jax.Array, jax.Array, ObsMoments]:
     """One episode; returns ``(return float32[], length int32[], ObsMoments)``.
 
     Rewards are summed only for steps taken before the episode ended (the step that terminates or truncates counts;
     nothing after it). The loop stops as soon as the episode ends (under ``vmap``, when every episode has ended)
     and never runs more than ``max_steps`` (default: ``adapter.max_steps``) steps. The moments cover the
-    observations the policy acted on, shifted by ``stats.mean``.
+    observations the policy acted on, shifted by ``stats.mean``. ``stop_early=False`` always runs ``max_steps``
+    steps (same result, fixed cost: for throughput measurements).
     """
     limit = int(adapter.max_steps if max_steps is None else max_steps)
+    params = policy.prepare(params)
     key_reset, key_run = jax.random.split(key)
     obs0, env0 = adapter.reset(key_reset)
     shift = stats.mean if stats is not None else jnp.zeros(obs0.shape, jnp.float32)
@@ -329,7 +338,7 @@ def rollout(adapter: Adapter, policy: Policy, params: Any, key: jax.Array, stats
 
     def cond(carry):
         t, _, _, done, *_ = carry
-        return (t < limit) & ~done
+        return (t < limit) & ~done if stop_early else t < limit
 
     def body(carry):
         t, obs, env_state, done, ret, n, s1, s2 = carry
@@ -353,7 +362,7 @@ def rollout(adapter: Adapter, policy: Policy, params: Any, key: jax.Array, stats
 
 
 def make_fitness(adapter: Adapter, policy: Policy, *, episodes: int = 1, mode: ActionMode = "stochastic",
-                 obs_norm: bool = False, max_steps: int | None = None) -> Callable:
+                 obs_norm: bool = False, max_steps: int | None = None, stop_early: bool = True) -> Callable:
     """The esx fitness ``(member_view, key, stats: ObsStats) -> (mean return float32[], ObsMoments)``.
 
     Use with ``strategy.evaluate(state, fitness, key, stats, has_aux=True)``. ``episodes`` episodes (independent
@@ -368,7 +377,8 @@ def make_fitness(adapter: Adapter, policy: Policy, *, episodes: int = 1, mode: A
         keys = jax.random.split(key, episodes)
         norm = stats if obs_norm else None
         ret, _, moments = jax.vmap(
-            lambda k: rollout(adapter, policy, view, k, norm, mode=mode, max_steps=max_steps))(keys)
+            lambda k: rollout(adapter, policy, view, k, norm, mode=mode, max_steps=max_steps,
+                              stop_early=stop_early))(keys)
         moments = ObsMoments(jnp.sum(moments.count), jnp.sum(moments.sum, 0), jnp.sum(moments.sum_sq, 0))
         return jnp.mean(ret), moments
 

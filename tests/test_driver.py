@@ -188,3 +188,22 @@ def test_short_cartpole_run_beats_random():
     result = driver.train(cfg, None, progress=False)
     assert initial < 50
     assert result.final_return > 200
+
+
+@pytest.mark.slow
+def test_notebook_runs_at_small_settings(tmp_path):
+    """notebooks/rl_cartpole.ipynb executes end to end (ESX_NOTEBOOK_SMALL=1: a few generations)."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    path = Path(__file__).parent.parent / "notebooks" / "rl_cartpole.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    os.environ["ESX_NOTEBOOK_SMALL"] = "1"
+    try:
+        nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                resources={"metadata": {"path": str(tmp_path)}}).execute()
+    finally:
+        del os.environ["ESX_NOTEBOOK_SMALL"]
+    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "greedy return over 4 episodes" in outputs and "evaluate_run" in outputs
+    assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code"
+               for o in c.get("outputs", []))

@@ -1,0 +1,160 @@
+"""EGGROLL (esx) vs evosax ``Open_ES`` on a gymnax task, side by side in one process.
+
+Both train the same policy (an MLP ``obs -> width -> actions``, ReLU, no LayerNorm) with the same rollout code,
+population, σ, optimizer and fitness shaping (centered ranks); the only difference is the perturbation: EGGROLL's
+rank-r ``A Bᵀ`` applied inside a shared forward, vs Open_ES's full-rank noise vector per member.
+
+It prints
+1. throughput: generations per second with every episode run for exactly ``--steps`` steps (no early stop), timed
+   alternately (A, B, A, B, ...) so that machine noise hits both alike, and their ratio;
+2. learning: wall-clock (compile included) until the greedy policy's mean return over 32 episodes reaches
+   ``--target`` (checked every 5 generations), or the value reached when ``--time-limit`` runs out.
+
+    python scripts/compare_evosax_cartpole.py                         # CartPole-v1, N=4096, 200 steps
+    python scripts/compare_evosax_cartpole.py --env Pendulum-v1 --target -200 --time-limit 300 --sigma 0.05 \\
+        --optimizer adam --lr 0.01 --steps 200 --width 64
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--env", default="CartPole-v1")
+    p.add_argument("--population", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=200, help="episode step limit")
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--rank", type=int, default=1)
+    p.add_argument("--sigma", type=float, default=0.2)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    p.add_argument("--mode", choices=["greedy", "stochastic"], default="stochastic")
+    p.add_argument("--throughput-gens", type=int, default=6, help="timed generations per method")
+    p.add_argument("--target", type=float, default=475.0)
+    p.add_argument("--time-limit", type=float, default=240.0, help="seconds per method for the learning race")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    import evosax.algorithms as ea
+
+    import esx
+    from esx_envs import rl
+
+    adapter = rl.make_adapter(args.env, max_steps=args.steps)
+    race_adapter = rl.make_adapter(args.env)  # the environment's own step limit (500 for CartPole-v1)
+    policy = rl.Policy.for_adapter(adapter, width=args.width, depth=1, layer_norm=False)
+    params0 = policy.init(jax.random.key(args.seed))
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(params0))
+    stats = rl.ObsStats.create(adapter.observation_shape)
+    opt = optax.sgd(args.lr) if args.optimizer == "sgd" else optax.adam(args.lr)
+    evaluate_greedy = rl.make_evaluator(race_adapter, policy, episodes=32)
+    print(f"{args.env}: MLP {policy.obs_size}->{args.width}->{policy.action_dim} ({n_params} parameters), "
+          f"N={args.population}, {args.steps} steps, σ={args.sigma}, {args.optimizer} lr={args.lr}, "
+          f"EGGROLL rank {args.rank}; devices {jax.devices()}")
+
+    # --- EGGROLL -------------------------------------------------------------------------------------------------
+    strategy = esx.eggroll(population_size=args.population, rank=args.rank, sigma=args.sigma, optimizer=opt)
+
+    def make_egg_gen(stop_early):
+        fitness = rl.make_fitness(race_adapter if stop_early else adapter, policy, mode=args.mode,
+                                  stop_early=stop_early)
+
+        @jax.jit
+        def gen(state):
+            key = jax.random.fold_in(jax.random.key(args.seed + 1), state.generation)
+            f, _ = strategy.evaluate(state, fitness, key, stats, has_aux=True)
+            return strategy.tell(state, f)
+
+        return gen
+
+    # --- evosax Open_ES (minimises: it gets -return) -------------------------------------------------------------
+    es = ea.Open_ES(population_size=args.population, solution=params0, optimizer=opt,
+                    std_schedule=optax.constant_schedule(args.sigma))
+    es_params = es.default_params
+
+    def make_evo_gen(stop_early):
+        fitness = rl.make_fitness(race_adapter if stop_early else adapter, policy, mode=args.mode,
+                                  stop_early=stop_early)
+
+        @jax.jit
+        def gen(carry):
+            state, g = carry
+            key = jax.random.fold_in(jax.random.key(args.seed + 1), g)
+            k_ask, k_eval, k_tell = jax.random.split(key, 3)
+            population, state = es.ask(k_ask, state, es_params)
+            keys = jax.random.split(k_eval, args.population)
+            f, _ = jax.vmap(lambda prm, k: fitness(prm, k, stats))(population, keys)
+            state, _ = es.tell(k_tell, population, -f, state, es_params)
+            return state, g + 1
+
+        return gen
+
+    def evo_init():
+        return es.init(jax.random.key(args.seed), params0, es_params), jnp.int32(0)
+
+    def evo_mean(carry):
+        return es.get_mean(carry[0]) if hasattr(es, "get_mean") else es._unravel_solution(carry[0].mean)
+
+    def egg_init():
+        return strategy.init(jax.random.key(args.seed), params0)
+
+    # 1. throughput at a fixed cost per generation ------------------------------------------------------------------
+    egg_gen, evo_gen = make_egg_gen(False), make_evo_gen(False)
+    t = time.perf_counter()
+    egg_state = jax.block_until_ready(egg_gen(egg_init())[0])
+    egg_compile = time.perf_counter() - t
+    t = time.perf_counter()
+    evo_state = jax.block_until_ready(evo_gen(evo_init()))
+    evo_compile = time.perf_counter() - t
+    egg_times, evo_times = [], []
+    for _ in range(args.throughput_gens):
+        t = time.perf_counter()
+        egg_state = jax.block_until_ready(egg_gen(egg_state)[0])
+        egg_times.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        evo_state = jax.block_until_ready(evo_gen(evo_state))
+        evo_times.append(time.perf_counter() - t)
+    egg_gps, evo_gps = 1 / np.median(egg_times), 1 / np.median(evo_times)
+    print(f"\nthroughput ({args.steps}-step episodes, median of {args.throughput_gens} alternating generations):")
+    print(f"  esx EGGROLL      {egg_gps:7.2f} gen/s   (first call incl. compile {egg_compile:.1f} s)")
+    print(f"  evosax Open_ES   {evo_gps:7.2f} gen/s   (first call incl. compile {evo_compile:.1f} s)")
+    print(f"  ratio EGGROLL / Open_ES: {egg_gps / evo_gps:.2f}x")
+
+    # 2. learning race ------------------------------------------------------------------------------------------------
+    def race(name, init, gen, params_of, gen_of):
+        t0 = time.perf_counter()
+        state = init()
+        g, value = 0, -np.inf
+        while True:
+            for _ in range(5):
+                state = gen(state)
+                state = state[0] if name == "esx EGGROLL" else state
+            g += 5
+            value = float(evaluate_greedy(params_of(state), jax.random.key(g), stats).mean())
+            elapsed = time.perf_counter() - t0
+            if value >= args.target or elapsed > args.time_limit:
+                break
+        reached = value >= args.target
+        what = f"reached {value:.1f} >= {args.target:g}" if reached else f"greedy return {value:.1f} (not reached)"
+        print(f"  {name:<16} {what} after {g} generations, {elapsed:.1f} s (compile included)")
+        return reached, elapsed, value
+
+    print(f"\nlearning (greedy mean return over 32 episodes, target {args.target:g}, limit {args.time_limit:.0f} s "
+          "each, episodes stop at termination):")
+    r_egg = race("esx EGGROLL", egg_init, make_egg_gen(True), lambda s: s.params, None)
+    r_evo = race("evosax Open_ES", evo_init, make_evo_gen(True), evo_mean, None)
+    if r_egg[0] and r_evo[0]:
+        print(f"  wall-clock ratio Open_ES / EGGROLL: {r_evo[1] / r_egg[1]:.2f}x")
+    else:
+        print(f"  at the time limit: EGGROLL {r_egg[2]:.1f} vs Open_ES {r_evo[2]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
