@@ -105,8 +105,8 @@ CONFIGS: dict[str, TrainConfig] = {
         obs_norm=False, eval_every=20, chunk=10, checkpoint_every=100,
     ),
     "minatar-breakout": TrainConfig(
-        name="minatar-breakout", env="Breakout-MinAtar", generations=300, population_size=256, rank=4,
-        sigma=0.05, optimizer="adam", learning_rate=0.01, width=64, depth=2, episodes=1, action_mode="greedy",
+        name="minatar-breakout", env="Breakout-MinAtar", generations=400, population_size=256, rank=4,
+        sigma=0.1, optimizer="adam", learning_rate=0.01, width=64, depth=2, episodes=1, action_mode="stochastic",
         eval_every=10, eval_episodes=16, final_eval_episodes=100, chunk=5, checkpoint_every=50,
     ),
 }
