@@ -203,13 +203,23 @@ def _layer(cfg: LlamaConfig, p: dict, x: jax.Array, positions: jax.Array, k_cach
     return x + esx.dense(mlp, p["w_down"]), k_cache, v_cache
 
 
+def _scannable(layers: dict) -> dict:
+    """Gives full-rank perturbed leaves a per-layer ``coef`` so ``lax.scan`` can slice them (esx's ``Full.coef`` is
+    a scalar shared by the stack; ``LowRank.coef`` already has the stack shape)."""
+    def fix(leaf):
+        if isinstance(leaf, esx.Full) and jnp.ndim(leaf.coef) == 0:
+            return esx.Full(leaf.base, leaf.eps, jnp.broadcast_to(leaf.coef, leaf.base.shape[:1]))
+        return leaf
+    return jax.tree_util.tree_map(fix, layers, is_leaf=lambda v: isinstance(v, (esx.Full, esx.LowRank)))
+
+
 def _run_layers(params: Params, cfg: LlamaConfig, x, positions, cache, start, key_mask):
     def body(h, xs):
         p, kc, vc = xs
         h, kc, vc = _layer(cfg, p, h, positions, kc, vc, start, key_mask)
         return h, (kc, vc)
 
-    x, (k_cache, v_cache) = lax.scan(body, x, (params["layers"], cache[0], cache[1]))
+    x, (k_cache, v_cache) = lax.scan(body, x, (_scannable(params["layers"]), cache[0], cache[1]))
     return x, (k_cache, v_cache)
 
 
@@ -237,19 +247,19 @@ def forward(params: Params, tokens: jax.Array, *, cfg: LlamaConfig, mask: jax.Ar
       params: parameters (or an esx member view of them).
       tokens: ``int[B, T]``.
       cfg: the architecture.
-      mask: ``bool[B, T]``, ``True`` on real tokens. Padding must be on the left (positions count real tokens
-        only); ``None`` means no padding.
+      mask: ``bool[B, T]``, ``True`` on real tokens (padding on the left and/or right; rotary positions count
+        real tokens only, padded keys are never attended to); ``None`` means no padding.
 
     Returns:
-      ``float32[B, T, V]``.
+      ``float32[B, T, V]`` (rows at padded positions are meaningless).
     """
     B, T = tokens.shape
     if mask is None:
         mask = jnp.ones((B, T), bool)
-    pad = T - jnp.sum(mask, axis=1).astype(jnp.int32)
+    mask = mask.astype(bool)
     idx = jnp.arange(T, dtype=jnp.int32)
-    positions = jnp.maximum(idx[None, :] - pad[:, None], 0)
-    key_mask = (idx[None, None, :] <= idx[None, :, None]) & (idx[None, None, :] >= pad[:, None, None])
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
+    key_mask = (idx[None, None, :] <= idx[None, :, None]) & mask[:, None, :]
     x = esx.embed(tokens, params["embed"]).astype(_dtype(params))
     cache = init_cache(cfg, B, T, x.dtype)
     x, _ = _run_layers(params, cfg, x, positions, cache, jnp.zeros((), jnp.int32), key_mask)
@@ -257,7 +267,8 @@ def forward(params: Params, tokens: jax.Array, *, cfg: LlamaConfig, mask: jax.Ar
 
 
 def token_logprobs(params: Params, tokens: jax.Array, *, cfg: LlamaConfig, mask: jax.Array | None = None):
-    """``log p(tokens[:, t] | tokens[:, :t])`` for ``t >= 1``: ``float32[B, T - 1]``."""
+    """``log p(tokens[:, t] | tokens[:, :t])`` for ``t >= 1``: ``float32[B, T - 1]`` (``mask`` as in
+    :func:`forward`)."""
     logits = forward(params, tokens, cfg=cfg, mask=mask)[:, :-1]
     logp = jax.nn.log_softmax(logits, axis=-1)
     return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]

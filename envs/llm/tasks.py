@@ -206,6 +206,15 @@ def parse_number(text: str | None) -> Fraction | None:
         return None
 
 
+def final_number(completion: str, *, strict: bool = True) -> Fraction | None:
+    """The last number of the answer section; with ``strict=False`` a completion without an answer section
+    falls back to its last number (small models rarely follow the template before training)."""
+    answer = extract_answer(completion)
+    if answer is None and not strict:
+        answer = completion
+    return parse_number(answer)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Tasks
 # ----------------------------------------------------------------------------------------------------------------
@@ -292,6 +301,7 @@ class Arithmetic:
 
     digits: int = 2
     ops: str = "+"
+    strict: bool = True
     name: str = "arithmetic"
 
     def sample(self, rng: random.Random, n: int) -> list[Problem]:
@@ -304,7 +314,7 @@ class Arithmetic:
         return out
 
     def score(self, problem: Problem, completion: str) -> float:
-        got = parse_number(extract_answer(completion))
+        got = final_number(completion, strict=self.strict)
         return float(got is not None and got == problem.answer)
 
 
@@ -360,6 +370,7 @@ class GSM8K:
     answer section equals the reference."""
 
     problems: tuple = ()
+    strict: bool = True
     name: str = "gsm8k"
 
     def sample(self, rng: random.Random, n: int) -> list[Problem]:
@@ -368,7 +379,7 @@ class GSM8K:
         return [rng.choice(self.problems) for _ in range(n)]
 
     def score(self, problem: Problem, completion: str) -> float:
-        got = parse_number(extract_answer(completion))
+        got = final_number(completion, strict=self.strict)
         return float(got is not None and got == problem.answer)
 
 
@@ -379,10 +390,12 @@ def get_task(name: str, **options) -> Task:
     if name == "arithmetic":
         return Arithmetic(**options)
     if name == "format":
+        options.pop("strict", None)
         return FormatTask(Arithmetic(**options))
     if name == "gsm8k":
         path = options.pop("path", None)
         if path is None:
             raise ValueError("task 'gsm8k' needs path=<GSM8K jsonl file>")
-        return GSM8K(tuple(load_gsm8k(path, **options)))
+        strict = options.pop("strict", True)
+        return GSM8K(tuple(load_gsm8k(path, **options)), strict=strict)
     raise ValueError(f"unknown task {name!r}; valid: countdown, arithmetic, format, gsm8k")

@@ -167,3 +167,46 @@ def load(path: str | pathlib.Path) -> Tokenizer:
     """The tokenizer of a ``.gguf`` file or a Hugging Face folder."""
     path = pathlib.Path(path)
     return from_hf(path) if path.is_dir() else from_gguf(path)
+
+
+class ByteTokenizer:
+    """A dependency-free byte-level tokenizer for tiny test models: ids ``0..255`` are UTF-8 bytes, then
+    ``<|endoftext|>`` (256, EOS and padding), ``<|im_start|>`` (257), ``<|im_end|>`` (258). ``vocab_size = 259``.
+    Same interface as :class:`Tokenizer`."""
+
+    SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+    vocab_size = 259
+    eos_id = pad_id = 256
+    stop_ids = (256, 258)
+
+    def encode(self, text: str) -> list[int]:
+        import re
+
+        out: list[int] = []
+        for piece in re.split("(" + "|".join(re.escape(s) for s in self.SPECIALS) + ")", text):
+            if piece in self.SPECIALS:
+                out.append(256 + self.SPECIALS.index(piece))
+            elif piece:
+                out.extend(piece.encode("utf-8"))
+        return out
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        text, buf = [], bytearray()
+        for i in ids:
+            i = int(i)
+            if i < 256:
+                buf.append(i)
+                continue
+            text.append(buf.decode("utf-8", errors="replace"))
+            buf = bytearray()
+            if not skip_special_tokens and i - 256 < len(self.SPECIALS):
+                text.append(self.SPECIALS[i - 256])
+        text.append(buf.decode("utf-8", errors="replace"))
+        return "".join(text)
+
+    def token_id(self, token: str) -> int | None:
+        ids = self.encode(token)
+        return ids[0] if len(ids) == 1 else None
+
+    batch = Tokenizer.batch
+    stop_sequences = Tokenizer.stop_sequences

@@ -1,0 +1,263 @@
+"""The ES fitness for LLM reasoning: EGGROLL members answer prompts, a verifier scores each (member, prompt).
+
+One generation (:meth:`ESTrainer.step`), as in the paper:
+
+1. draw ``n_groups · prompts_per_member`` problems, ``n_groups = population_size / group_size``; group ``g``'s
+   ``group_size`` consecutive members all answer the same ``prompts_per_member`` prompts (``evaluate`` with
+   ``data_per_group=True``), so antithetic partners and the whole group see identical inputs;
+2. every member generates with its low-rank perturbed weights (greedy by default, one jitted call for the whole
+   population × prompts, KV cache, stop at ``</answer>`` / end of turn);
+3. the host decodes and scores: ``reward[member, prompt] = task.score + format_weight · format_reward``;
+   the member's fitness is the mean over its prompts;
+4. shaping is the group z-score (subtract the group mean, divide by the global std) and ``tell`` updates the
+   weights. ``generations_per_prompt`` reuses the same problems for several generations.
+
+Validation (:func:`evaluate_model`) runs the unperturbed model greedily on a fixed problem set.
+
+Memory: the parameters are stored once; per member the KV cache is ``2 · L · (P + T) · K · d`` floats per prompt
+(``P`` prompt length, ``T`` new tokens), e.g. SmolLM2-135M (``L=30, K=3, d=64``) with ``P + T = 128`` in float32:
+5.9 MB per (member, prompt), so 64 members × 4 prompts ≈ 1.5 GB; rank-1 noise adds ``(m + n)`` floats per matrix and
+member (≈ 0.6 M floats per member for SmolLM2, most of it the 49152-row embedding).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import esx
+from esx_envs.llm import model as model_lib
+from esx_envs.llm import tasks as tasks_lib
+
+RewardFn = Callable[[tasks_lib.Problem, str], float]
+
+
+def round_up(n: int, multiple: int = 16) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+def encode_prompts(tokenizer, problems: Sequence[tasks_lib.Problem], *, chat: bool = True,
+                   length: int | None = None, prefill: str = "<think>") -> tuple[np.ndarray, np.ndarray]:
+    """Prompt ids ``int32[B, P]`` (left-padded) and mask ``bool[B, P]`` for the problems (template of
+    :func:`tasks.make_prompt`); ``P`` is ``length`` or the longest prompt rounded up to a multiple of 16."""
+    texts = [tasks_lib.make_prompt(p.question, chat=chat, prefill=prefill) for p in problems]
+    if length is None:
+        length = round_up(max(len(tokenizer.encode(t)) for t in texts))
+    return tokenizer.batch(texts, length=length)
+
+
+def decode_completions(tokenizer, tokens: np.ndarray, lengths: np.ndarray, *,
+                       stop_strings: Sequence[str] = (tasks_lib.ANSWER_STOP,)) -> list[str]:
+    """Texts of generated ids ``int[M, T]`` (first ``lengths[m]`` of each), cut after the first stop string."""
+    tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+    out = []
+    for row, n in zip(tokens.reshape(-1, tokens.shape[-1]), lengths.reshape(-1)):
+        text = tokenizer.decode(row[: int(n)])
+        for s in stop_strings:
+            i = text.find(s)
+            if i >= 0:
+                text = text[: i + len(s)]
+        out.append(text)
+    return out
+
+
+def default_reward(task, *, format_weight: float = 0.0) -> RewardFn:
+    """``task.score(problem, text) + format_weight · format_reward(text)``."""
+    def reward(problem, text):
+        r = task.score(problem, text)
+        return r + format_weight * tasks_lib.format_reward(text) if format_weight else r
+    return reward
+
+
+def evaluate_model(params: Any, *, cfg: model_lib.LlamaConfig, tokenizer, task,
+                   problems: Sequence[tasks_lib.Problem], options: model_lib.GenerateOptions,
+                   batch_size: int = 16, chat: bool = True, prompt_length: int | None = None) -> dict:
+    """Greedy accuracy of the (unperturbed) model on ``problems``.
+
+    Returns:
+      ``{"accuracy": mean task score, "format": mean format reward, "samples": first three completions}``.
+    """
+    scores, fmts, samples = [], [], []
+    length = prompt_length or encode_prompts(tokenizer, problems, chat=chat)[0].shape[1]
+    for start in range(0, len(problems), batch_size):
+        chunk = list(problems[start:start + batch_size])
+        n_real = len(chunk)
+        chunk += [chunk[-1]] * (batch_size - n_real)  # fixed shapes: one compilation
+        ids, mask = encode_prompts(tokenizer, chunk, chat=chat, length=length)
+        out, lens = model_lib.generate_jit(params, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0),
+                                           cfg=cfg, options=options)
+        texts = decode_completions(tokenizer, np.asarray(out)[:n_real], np.asarray(lens)[:n_real])
+        for p, t in zip(chunk[:n_real], texts):
+            scores.append(task.score(p, t))
+            fmts.append(tasks_lib.format_reward(t))
+            if len(samples) < 3:
+                samples.append(t)
+    return {"accuracy": float(np.mean(scores)), "format": float(np.mean(fmts)), "samples": samples}
+
+
+@dataclasses.dataclass(frozen=True)
+class ESConfig:
+    """Hyperparameters of EGGROLL fine-tuning on a reasoning task.
+
+    Attributes:
+      population_size: ``N`` members per generation (even: antithetic pairs).
+      group_size: consecutive members that answer the same prompts (a multiple of 2 dividing ``N``).
+      prompts_per_member: prompts each member answers per generation (its fitness is the mean reward).
+      sigma: noise scale ``σ`` (the paper uses about ``1e-3`` with rank 1).
+      rank: rank of each member's perturbation of a matrix.
+      learning_rate: optimizer step size (esx's textbook convention, see ``esx.paper_learning_rate``).
+      optimizer: ``"sgd"`` (the paper) or ``"adam"``.
+      generations_per_prompt: reuse each problem batch for this many generations.
+      max_new_tokens: tokens generated per answer.
+      temperature: ``0`` = greedy decoding (the paper).
+      format_weight: weight of the format reward added to the task score.
+      freeze_embeddings: do not perturb or update the embedding / output tables.
+      chat: use the ChatML prompt template.
+    """
+
+    population_size: int = 32
+    group_size: int = 8
+    prompts_per_member: int = 1
+    sigma: float = 1e-3
+    rank: int = 1
+    learning_rate: float = 1e-3
+    optimizer: str = "sgd"
+    generations_per_prompt: int = 1
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    format_weight: float = 0.0
+    freeze_embeddings: bool = False
+    chat: bool = True
+
+    def __post_init__(self):
+        if self.population_size % self.group_size or self.group_size % 2:
+            raise ValueError(f"group_size={self.group_size} must be even and divide "
+                             f"population_size={self.population_size}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer={self.optimizer!r}; 'sgd' or 'adam'")
+        if self.generations_per_prompt < 1 or self.prompts_per_member < 1:
+            raise ValueError("generations_per_prompt and prompts_per_member must be >= 1")
+
+
+def make_rollout_fitness(cfg: model_lib.LlamaConfig, options: model_lib.GenerateOptions, *,
+                         temperature: float = 0.0):
+    """An esx fitness function ``(view, key, (ids, mask)) -> (0.0, (tokens int32[B, T], lengths int32[B]))``.
+
+    Rewards come from host-side verifiers, so the returned scalar is a placeholder and the generated tokens are
+    the ``aux`` output of ``strategy.evaluate(..., has_aux=True)``."""
+    def fitness(view, key, data):
+        ids, mask = data
+        out, lengths = model_lib.generate(view, ids, mask, key, cfg=cfg, options=options, temperature=temperature)
+        return jnp.zeros((), jnp.float32), (out, lengths)
+    return fitness
+
+
+class ESTrainer:
+    """EGGROLL on a verifiable task: :meth:`step` runs one generation, :meth:`validate` scores the unperturbed model.
+
+    Args:
+      cfg: model architecture; ``params``: its parameters; ``tokenizer``: a :class:`tokenizer.Tokenizer`;
+      task: a :class:`tasks.Task`; ``config``: :class:`ESConfig`; ``reward_fn``: ``(problem, text) -> float``
+      (default: task score plus ``format_weight`` times the format reward); ``seed``: problems and noise.
+    """
+
+    def __init__(self, *, cfg: model_lib.LlamaConfig, params: Any, tokenizer, task, config: ESConfig,
+                 reward_fn: RewardFn | None = None, seed: int = 0):
+        self.cfg, self.tokenizer, self.task, self.config = cfg, tokenizer, task, config
+        self.reward_fn = reward_fn or default_reward(task, format_weight=config.format_weight)
+        self.rng = random.Random(seed)
+        self.options = model_lib.GenerateOptions(
+            max_new_tokens=config.max_new_tokens, stop_ids=tuple(tokenizer.stop_ids),
+            stop_sequences=tokenizer.stop_sequences([tasks_lib.ANSWER_STOP]), pad_id=tokenizer.pad_id)
+        opt = optax.sgd(config.learning_rate) if config.optimizer == "sgd" else optax.adam(config.learning_rate)
+        self.strategy = esx.eggroll(
+            population_size=config.population_size, sigma=config.sigma, optimizer=opt, rank=config.rank,
+            group_size=config.group_size, shaping="group_z_score",
+            labels=model_lib.labels(cfg, freeze_embeddings=config.freeze_embeddings))
+        self.state = self.strategy.init(jax.random.key(seed), params)
+        self.n_groups = config.population_size // config.group_size
+        fitness = make_rollout_fitness(cfg, self.options, temperature=config.temperature)
+        strategy = self.strategy
+
+        def rollout(state, ids, mask, key):
+            _, (out, lengths) = strategy.evaluate(state, fitness, key, (ids, mask), data_per_group=True,
+                                                  has_aux=True)
+            return out, lengths
+
+        self._rollout = jax.jit(rollout)
+        self._tell = jax.jit(strategy.tell)
+        self._problems: list | None = None
+        self._prompt_length: int | None = None
+        self.generation = 0
+
+    def _encode(self, problems):
+        texts = [tasks_lib.make_prompt(p.question, chat=self.config.chat) for p in problems]
+        need = max(len(self.tokenizer.encode(t)) for t in texts)
+        if self._prompt_length is None or need > self._prompt_length:
+            self._prompt_length = round_up(need)  # grows rarely (each growth recompiles)
+        return self.tokenizer.batch(texts, length=self._prompt_length)
+
+    @property
+    def params(self):
+        return self.state.params
+
+    def step(self) -> dict:
+        """One generation. Returns metrics: ``reward`` (mean), ``score`` (mean task score), ``format``,
+        ``fitness_std``, ``grad_norm``, ``seconds``, ``tokens`` (generated this generation)."""
+        c = self.config
+        t0 = time.perf_counter()
+        if self._problems is None or self.generation % c.generations_per_prompt == 0:
+            self._problems = self.task.sample(self.rng, self.n_groups * c.prompts_per_member)
+        problems = self._problems
+        ids, mask = self._encode(problems)
+        shape = (self.n_groups, c.prompts_per_member, ids.shape[1])
+        key = jax.random.fold_in(jax.random.key(self.rng.randrange(2**31)), self.generation)
+        out, lengths = self._rollout(self.state, jnp.asarray(ids.reshape(shape)),
+                                     jnp.asarray(mask.reshape(shape)), key)
+        out, lengths = np.asarray(out), np.asarray(lengths)  # [N, B, T], [N, B]
+        texts = decode_completions(self.tokenizer, out, lengths)
+        N, B = c.population_size, c.prompts_per_member
+        rewards = np.zeros((N, B), np.float32)
+        scores = np.zeros((N, B), np.float32)
+        fmts = np.zeros((N, B), np.float32)
+        for m in range(N):
+            for b in range(B):
+                p = problems[(m // c.group_size) * B + b]
+                t = texts[m * B + b]
+                rewards[m, b] = self.reward_fn(p, t)
+                scores[m, b] = self.task.score(p, t)
+                fmts[m, b] = tasks_lib.format_reward(t)
+        fitness = rewards.mean(axis=1)
+        self.state, metrics = self._tell(self.state, jnp.asarray(fitness))
+        self.generation += 1
+        return {"generation": self.generation, "reward": float(fitness.mean()), "score": float(scores.mean()),
+                "format": float(fmts.mean()), "fitness_std": float(metrics.fitness_std),
+                "grad_norm": float(metrics.grad_norm), "tokens": int(lengths.sum()),
+                "seconds": time.perf_counter() - t0, "sample": texts[0]}
+
+    def validate(self, problems: Sequence[tasks_lib.Problem], *, batch_size: int = 16) -> dict:
+        """Greedy accuracy of the current unperturbed parameters (:func:`evaluate_model`)."""
+        options = dataclasses.replace(self.options)
+        return evaluate_model(self.state.params, cfg=self.cfg, tokenizer=self.tokenizer, task=self.task,
+                              problems=problems, options=options, batch_size=batch_size, chat=self.config.chat)
+
+
+def noise_floats_per_member(cfg: model_lib.LlamaConfig, *, rank: int = 1) -> int:
+    """Floats of EGGROLL noise one member needs (``r (m + n)`` per matrix, the size of every other leaf)."""
+    p = jax.eval_shape(lambda: model_lib.init_params(jax.random.key(0), cfg))
+    labs = esx.make_labels(p, model_lib.labels(cfg))
+    total = 0
+    for leaf, lab in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(labs)):
+        if lab == esx.LOWRANK:
+            total += math.prod(leaf.shape[:-2]) * rank * (leaf.shape[-2] + leaf.shape[-1])
+        elif lab == esx.FULL:
+            total += math.prod(leaf.shape)
+    return total
