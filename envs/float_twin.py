@@ -45,6 +45,19 @@ def init_params(key: jax.Array, config: EggConfig = EggConfig()) -> dict:
     }
 
 
+def _is_perturbed(x) -> bool:
+    return isinstance(x, (esx.LowRank, esx.Full))
+
+
+def _slice(leaf, i):
+    """Layer ``i`` of a stacked leaf: plain array, :class:`esx.LowRank` (coef per layer) or :class:`esx.Full`."""
+    if isinstance(leaf, esx.LowRank):
+        return esx.LowRank(leaf.base[i], leaf.a[i], leaf.b[i], leaf.coef[i])
+    if isinstance(leaf, esx.Full):
+        return esx.Full(leaf.base[i], leaf.eps[i], leaf.coef)
+    return leaf[i]
+
+
 def _mm(x, w, fan_in):
     return esx.dense(x, w) * (1.0 / math.sqrt(fan_in))
 
@@ -81,7 +94,14 @@ def forward(params: Any, tokens: jax.Array, hidden: jax.Array, resets: jax.Array
         return sat(y + _mm(z, p["down"], h)), s_last
 
     y = sat(esx.embed(tokens, params["embed"]))
-    y, hidden = lax.scan(layer, y, (params["layers"], hidden))
+    # A Python loop over layers (not lax.scan): esx.Full keeps a scalar coef, so perturbed stacked vectors
+    # cannot be sliced by scan.
+    finals = []
+    for i in range(config.layers):
+        y, s_last = layer(y, (jax.tree_util.tree_map(lambda leaf: _slice(leaf, i), params["layers"],
+                                                     is_leaf=_is_perturbed), hidden[i]))
+        finals.append(s_last)
+    hidden = jnp.stack(finals)
     logits = sat(_mm(layer_norm(y, params["ln_out"]), params["head"], d) + esx.value(params["head_bias"]))
     return logits, hidden
 

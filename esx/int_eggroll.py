@@ -108,7 +108,7 @@ def rshift(x: jax.Array, k: jax.Array | int) -> jax.Array:
     """
     x = x.astype(jnp.int32)
     k = jnp.asarray(k, jnp.int32)
-    mag = jnp.right_shift(jnp.abs(x) * 2 + 1, k + 1)
+    mag = jnp.right_shift(jnp.abs(x) * 2 + jnp.left_shift(1, k), k + 1)
     return jnp.where(x < 0, -mag, mag)
 
 

@@ -57,13 +57,14 @@ def test_noise_is_deterministic_in_key_generation_and_pair():
     params = {"w": jnp.zeros((8, 6), jnp.int8), "b": jnp.zeros((6,), jnp.int8)}
     strat = ie.int_eggroll(population_size=8)
     state = strat.init(jax.random.key(3), params)
-    pop1, pop2 = strat.ask(state), strat.ask(state)
+    ask = jax.jit(strat.ask)
+    pop1, pop2 = ask(state), ask(state)
     for x, y in zip(jax.tree_util.tree_leaves(pop1.noise), jax.tree_util.tree_leaves(pop2.noise)):
         assert x.dtype == jnp.int8
         np.testing.assert_array_equal(x, y)
     a = np.asarray(pop1.noise[1][0])                           # "w" (sorted after "b"): A of each pair
     assert not np.array_equal(a[0], a[1])                      # pairs differ
-    pop3 = strat.ask(state.replace(generation=state.generation + 1))
+    pop3 = ask(state.replace(generation=state.generation + 1))
     assert not np.array_equal(a, np.asarray(pop3.noise[1][0]))  # generations differ
     pop4 = strat.ask(strat.init(jax.random.key(4), params))
     assert not np.array_equal(a, np.asarray(pop4.noise[1][0]))  # keys differ
@@ -80,10 +81,11 @@ def test_antithetic_members_are_exact_opposites():
     params = {"w": jnp.zeros((8, 6), jnp.int8), "b": jnp.zeros((6,), jnp.int8)}
     strat = ie.int_eggroll(population_size=4, sigma_shift=2)
     state = strat.init(jax.random.key(0), params)
-    pop = strat.ask(state)
+    pop = jax.jit(strat.ask)(state)
     x = jax.random.randint(jax.random.key(1), (5, 8), -127, 128).astype(jnp.int8)
     vp, vm = strat.view(state, pop, 2), strat.view(state, pop, 3)
-    np.testing.assert_array_equal(ie.int_dense(x, vp["w"]), -ie.int_dense(x, vm["w"]))
+    dense = jax.jit(ie.int_dense)
+    np.testing.assert_array_equal(dense(x, vp["w"]), -dense(x, vm["w"]))
     np.testing.assert_array_equal(ie.int_value(vp["b"]), -ie.int_value(vm["b"]))
     assert np.any(np.asarray(ie.int_value(vp["b"])) != 0)
 
@@ -97,7 +99,7 @@ def test_lowrank_forward_matches_dense_reference():
     x = rng.integers(-127, 128, (7, m)).astype(np.int8)
     for sign in (1, -1):
         leaf = ie.IntLowRank(jnp.asarray(w), jnp.asarray(a), jnp.asarray(b), jnp.int32(sign), jnp.int32(3))
-        got = np.asarray(ie.int_dense(jnp.asarray(x), leaf), np.int64)
+        got = np.asarray(jax.jit(ie.int_dense)(jnp.asarray(x), leaf), np.int64)
         # dense float reference: x (W + s A Bᵀ / 2^(4 + σ̂))
         dense = w.astype(np.float64) + sign * (a.astype(np.float64) @ b.T.astype(np.float64)) / 2**7
         ref = x.astype(np.float64) @ dense
@@ -106,9 +108,9 @@ def test_lowrank_forward_matches_dense_reference():
         assert np.all(np.abs(got - ref) <= bound[None, :])
         # exact integer definition
         xa = x.astype(np.int64) @ a.astype(np.int64)
-        xa = np.sign(xa) * ((np.abs(xa) * 2 + 1) >> 5)
+        xa = np.sign(xa) * ((np.abs(xa) + 8) >> 4)
         corr = xa @ b.T.astype(np.int64)
-        corr = np.sign(corr) * ((np.abs(corr) * 2 + 1) >> 4)
+        corr = np.sign(corr) * ((np.abs(corr) + 4) >> 3)
         np.testing.assert_array_equal(got, x.astype(np.int64) @ w.astype(np.int64) + sign * corr)
     # embedding rows agree with the materialised value
     leaf = ie.IntLowRank(jnp.asarray(w), jnp.asarray(a), jnp.asarray(b), jnp.int32(-1), jnp.int32(3))
@@ -122,7 +124,7 @@ def test_lowrank_forward_matches_dense_reference():
 
 def _dense_reference_update(strat, state, fitness, labels):
     """Materialises every A_k B_kᵀ and applies the ±1 rule with numpy (int64)."""
-    pop = strat.ask(state)
+    pop = jax.jit(strat.ask)(state)
     f = np.asarray(fitness, np.int64)
     signs = np.sign(f[0::2] - f[1::2])
     decided = int(np.sum(signs != 0))
@@ -153,18 +155,20 @@ def test_update_matches_dense_integer_reference():
               "b": jnp.full((5,), 127, jnp.int8), "v": jnp.zeros((3,), jnp.int8)}
     strat = ie.int_eggroll(population_size=16, alpha=0.3, labels=labels, rank=1)
     state = strat.init(jax.random.key(5), params)
+    tell = jax.jit(strat.tell)
     for gen in range(3):
         fitness = jax.random.randint(jax.random.fold_in(jax.random.key(9), gen), (16,), -5, 6)
         ref = _dense_reference_update(strat, state, fitness, labels)
-        state, metrics = strat.tell(state, fitness)
+        state, metrics = tell(state, fitness)
         for name in params:
             assert state.params[name].dtype == jnp.int8
             np.testing.assert_array_equal(np.asarray(state.params[name], np.int64), ref[name])
     assert int(state.generation) == 3
     # tally split over pairs sums to the full tally (sharded updates)
     fitness = jax.random.randint(jax.random.key(11), (16,), -5, 6)
-    full = strat.gradient(state, fitness)
-    parts = [strat.gradient(state, fitness, pairs=jnp.arange(4) + 4 * i) for i in range(2)]
+    grad = jax.jit(strat.gradient)
+    full = grad(state, fitness)
+    parts = [grad(state, fitness, jnp.arange(4) + 4 * i) for i in range(2)]
     for k in full:
         np.testing.assert_array_equal(full[k], parts[0][k] + parts[1][k])
 
@@ -215,13 +219,22 @@ def test_tie_only_generation_changes_nothing():
     params = {"w": jnp.ones((4, 4), jnp.int8)}
     strat = ie.int_eggroll(population_size=8)
     state = strat.init(jax.random.key(0), params)
-    new, m = strat.tell(state, jnp.zeros(8, jnp.int32))
+    new, m = jax.jit(strat.tell)(state, jnp.zeros(8, jnp.int32))
     np.testing.assert_array_equal(new.params["w"], params["w"])
     assert bool(m.skipped) and int(new.generation) == 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # integer-only model
+
+
+def _sub_jaxprs(obj):
+    """The jaxprs inside an equation parameter (ClosedJaxpr of scan / pjit / cond branches, or a bare Jaxpr)."""
+    if hasattr(obj, "jaxpr") and hasattr(obj, "consts"):
+        return [obj.jaxpr]
+    if hasattr(obj, "eqns") and hasattr(obj, "invars"):
+        return [obj]
+    return []
 
 
 def _walk(jaxpr, seen_prims):
@@ -239,10 +252,8 @@ def _walk(jaxpr, seen_prims):
             if k in ("dtype", "new_dtype", "preferred_element_type") and p is not None:
                 assert not jnp.issubdtype(p, jnp.inexact), f"{eqn.primitive.name} with {k}={p}"
             for sub in (p if isinstance(p, (list, tuple)) else [p]):
-                if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    _walk(sub.jaxpr, seen_prims)
-                elif isinstance(sub, jax.extend.core.Jaxpr):
-                    _walk(sub, seen_prims)
+                for j in _sub_jaxprs(sub):
+                    _walk(j, seen_prims)
 
 
 def test_forward_and_fitness_jaxprs_are_integer_only():
@@ -282,8 +293,8 @@ def test_matmuls_are_int8_with_int32_accumulation():
                 dots.append(e)
             for p in e.params.values():
                 for s in (p if isinstance(p, (list, tuple)) else [p]):
-                    if isinstance(s, jax.extend.core.ClosedJaxpr):
-                        find(s.jaxpr)
+                    for j in _sub_jaxprs(s):
+                        find(j)
     find(jaxpr.jaxpr)
     assert dots
     for e in dots:
@@ -297,17 +308,17 @@ def test_integer_log_likelihood_matches_float_log_softmax():
     peaked = jnp.asarray(np.clip(rng.normal(0, 40, (4000, 256)), -127, 127).astype(np.int8))
     targets = jnp.asarray(rng.integers(0, 256, 4000), jnp.int32)
     for lg in (logits, peaked):
-        got = np.asarray(egg.log2_likelihood(lg, targets)) / 4096.0
-        ref = np.asarray(egg.float_log2_likelihood(lg, targets), np.float64)
+        got = np.asarray(jax.jit(egg.log2_likelihood)(lg, targets)) / 4096.0
+        ref = np.asarray(jax.jit(egg.float_log2_likelihood)(lg, targets), np.float64)
         assert np.max(np.abs(got - ref)) < 0.01
         assert abs(got.mean() - ref.mean()) < 0.02
     # on the model's own logits, over real text: bits/byte agree
     split = text_data.load_split()
     params = _tiny_params()
     tok = jnp.asarray(split.valid[:2001].astype(np.int32))
-    lg, _ = egg.forward(params, tok[:-1], jnp.zeros((1, 16), jnp.int8), config=TINY)
-    bpb_int = -float(jnp.sum(egg.log2_likelihood(lg, tok[1:]))) / 4096 / 2000
-    bpb_float = -float(jnp.mean(egg.float_log2_likelihood(lg, tok[1:])))
+    lg, _ = jax.jit(lambda p, t: egg.forward(p, t, jnp.zeros((1, 16), jnp.int8), config=TINY))(params, tok[:-1])
+    bpb_int = -float(jnp.sum(jax.jit(egg.log2_likelihood)(lg, tok[1:]))) / 4096 / 2000
+    bpb_float = -float(jnp.mean(jax.jit(egg.float_log2_likelihood)(lg, tok[1:])))
     assert abs(bpb_int - bpb_float) <= 0.02
     assert math.isclose(egg.bits_per_byte(params, split.valid[:2001], config=TINY, streams=1), bpb_int,
                         rel_tol=1e-6)
@@ -315,7 +326,7 @@ def test_integer_log_likelihood_matches_float_log_softmax():
 
 def test_layer_norm_divides_by_mean_absolute_value():
     x = jnp.asarray(np.random.default_rng(0).integers(-60, 61, (50, 16)), jnp.int8)
-    y = np.asarray(egg.layer_norm(x, jnp.full((16,), 16, jnp.int8)), np.float64)
+    y = np.asarray(jax.jit(egg.layer_norm)(x, jnp.full((16,), 16, jnp.int8)), np.float64)
     xf = np.asarray(x, np.float64)
     ref = np.clip(16 * xf / np.abs(xf).mean(-1, keepdims=True), -127, 127)
     assert np.max(np.abs(y - ref)) <= 0.06 * np.abs(ref).max() + 1
@@ -325,11 +336,13 @@ def test_hidden_state_resets_at_document_boundaries():
     params = _tiny_params()
     tok = jnp.asarray(np.frombuffer(b"hello world, hello again", np.uint8).astype(np.int32))
     hid0 = jnp.zeros((1, 16), jnp.int8)
-    _, carried = egg.forward(params, tok[:10], hid0, config=TINY)
-    resets = jnp.zeros(14, bool).at[0].set(True)
-    a, _ = egg.forward(params, tok[10:], carried, resets, config=TINY)
-    b, _ = egg.forward(params, tok[10:], hid0, config=TINY)
-    c, _ = egg.forward(params, tok[10:], carried, config=TINY)
+    fwd = jax.jit(lambda p, t, h, r: egg.forward(p, t, h, r, config=TINY))
+    no = jnp.zeros(14, bool)
+    _, carried = fwd(params, tok[:14], hid0, no)
+    resets = no.at[0].set(True)
+    a, _ = fwd(params, tok[10:], carried, resets)
+    b, _ = fwd(params, tok[10:], hid0, no)
+    c, _ = fwd(params, tok[10:], carried, no)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(np.asarray(a), np.asarray(c))
 
@@ -381,10 +394,11 @@ def test_streams_are_contiguous_and_pure():
 # training
 
 
-def _train(config, *, population, generations, length=32, alpha=0.1, seed=0, group_size=2, streams_per_member=1):
+def _train(config, *, population, generations, length=32, alpha=0.1, alpha_decay=0.015, seed=0, group_size=2,
+           streams_per_member=1):
     split = text_data.load_split()
     params = egg.init_params(jax.random.key(seed), config)
-    strat = ie.int_eggroll(population_size=population, alpha=alpha, group_size=group_size,
+    strat = ie.int_eggroll(population_size=population, alpha=alpha, alpha_decay=alpha_decay, group_size=group_size,
                            labels=egg.labels(params))
     state = strat.init(jax.random.key(seed + 1), params)
     groups = population // group_size
@@ -400,11 +414,11 @@ def _train(config, *, population, generations, length=32, alpha=0.1, seed=0, gro
 
 
 def test_short_training_brings_loss_well_below_8_bits():
-    state, split, m = _train(TINY, population=64, generations=120, length=32, alpha=0.2)
+    state, split, m = _train(TINY, population=64, generations=150, length=32, alpha=0.2, alpha_decay=0.003)
     before = egg.bits_per_byte(_tiny_params(), split.valid, config=TINY, streams=8, length=512)
     after = egg.bits_per_byte(state.params, split.valid, config=TINY, streams=8, length=512)
-    assert after < 6.0, (before, after)
-    assert after < before - 1.0
+    assert after < 6.5, (before, after)
+    assert after < before - 1.5
     text = egg.sample(state.params, "ROMEO:", 40, jax.random.key(0), config=TINY)
     assert text.startswith("ROMEO:") and len(text.encode("utf-8", errors="replace")) >= 40
 
@@ -444,7 +458,8 @@ def test_float_twin_trains_with_float_eggroll():
     from esx_envs import float_twin as ft
 
     params = ft.init_params(jax.random.key(0), TINY)
-    strat = esx.eggroll(population_size=32, sigma=0.05, optimizer=optax.adam(0.05), group_size=2)
+    strat = esx.eggroll(population_size=32, sigma=0.05, optimizer=optax.adam(0.05), group_size=2,
+                        labels=egg.labels(params))
     state = strat.init(jax.random.key(1), params)
     gen = ft.make_es_generation(strat, TINY)
     split = text_data.load_split()
