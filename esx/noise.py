@@ -28,8 +28,9 @@ Noise sources (all zero-mean, unit-variance, i.i.d. entries; each is determinist
   unit-variance, 33 levels, excess kurtosis ``-1/16``, so already close to a normal for ``r = 1``. Same
   elementwise, fusable generator as ``"hash"``.
 
-The counter hash ``h`` (used by ``"hash"`` and ``"binomial"``) takes two 32-bit words ``(k0, k1) =
-jax.random.bits(key, (2,), uint32)`` -- one threefry call per (leaf, pair) -- and for each index ``j``::
+The counter hash ``h`` (used by ``"hash"`` and ``"binomial"``) takes the first two 32-bit words ``(k0, k1)`` of
+``jax.random.key_data(key)`` (the 64 bits of a threefry key, already mixed by :func:`member_key`'s ``fold_in``;
+no further threefry call, which keeps compile time flat) and for each index ``j``::
 
     h(k, j) = fmix32(fmix32(j · 0x9E3779B9 + k0) ^ k1)
 
@@ -82,10 +83,10 @@ def fmix32(x: jax.Array) -> jax.Array:
 def hash_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """Counter-based hash words ``uint32[shape]``: entry ``j`` (row-major) is ``fmix32(fmix32(j·φ + k0) ^ k1)``.
 
-    ``(k0, k1) = jax.random.bits(key, (2,), uint32)`` and ``φ = 0x9E3779B9``. Elementwise in ``j``, so XLA fuses
-    it into whatever consumes the result.
+    ``(k0, k1)`` are the first two words of ``jax.random.key_data(key)`` and ``φ = 0x9E3779B9``. Elementwise
+    in ``j``, so XLA fuses it into whatever consumes the result.
     """
-    k = jax.random.bits(key, (2,), jnp.uint32)
+    k = jax.random.key_data(key).reshape(-1).astype(jnp.uint32)
     j = lax.iota(jnp.uint32, math.prod(shape)).reshape(shape) if shape else jnp.zeros((), jnp.uint32)
     return fmix32(fmix32(j * jnp.uint32(0x9E3779B9) + k[0]) ^ k[1])
 
