@@ -481,7 +481,7 @@ def test_float_twin_trains_with_float_eggroll():
 def test_egg_notebook_runs():
     from tests.test_notebooks import outputs_text, run_notebook
 
-    nb = run_notebook("egg_int8.ipynb", {"ESX_EGG_GENERATIONS": "60", "ESX_EGG_POPULATION": "64"})
+    nb = run_notebook("egg_int8.ipynb", {"ESX_EGG_GENERATIONS": "150", "ESX_EGG_POPULATION": "64"})
     text = outputs_text(nb)
     line = next(t for t in text.splitlines() if t.startswith("validation bits/byte:"))
     start, end = (float(v) for v in line.split(":")[1].split("->"))

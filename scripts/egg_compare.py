@@ -1,0 +1,132 @@
+"""Measurements for docs/egg.md: population ablation and integer vs float twin at equal wall-clock.
+
+    python scripts/egg_compare.py ablation --generations 300            # fixed data per step, equal generations
+    python scripts/egg_compare.py twins --seconds 120                   # int EGGROLL / float EGGROLL / backprop
+
+Ablation: every member of every population reads the same ``streams × length`` bytes per generation
+(``group_size = population``), so data per step is fixed and only the population changes.
+Twins: the same architecture and data stream layout, each trained for the same wall-clock seconds one after the
+other in this process; validation bits/byte on the same validation subset. Prints Markdown tables.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import esx  # noqa: E402
+from esx import int_eggroll as ie  # noqa: E402
+from esx_envs import egg, float_twin, text_data  # noqa: E402
+
+
+def run_int(config, split, *, population, group_size, streams, length, alpha, alpha_decay, seed=0,
+            generations=None, seconds=None):
+    params = egg.init_params(jax.random.key(seed), config)
+    strat = ie.int_eggroll(population_size=population, group_size=group_size, alpha=alpha, alpha_decay=alpha_decay,
+                           labels=egg.labels(params))
+    state = strat.init(jax.random.key(seed + 1), params)
+    groups = population // group_size
+    data = text_data.Streams(split.train, split.train_starts, num_streams=groups * streams, length=length, seed=seed)
+    step = egg.make_generation(strat, config)
+    hidden = egg.initial_hidden(population, streams, config)
+    tok, res = data.batch(0)
+    step(state, hidden, jnp.asarray(tok.reshape(groups, streams, -1)), jnp.asarray(res.reshape(groups, streams, -1)))
+    t0, g = time.perf_counter(), 0
+    while (generations is None or g < generations) and (seconds is None or time.perf_counter() - t0 < seconds):
+        tok, res = data.batch(g)
+        state, hidden, _ = step(state, hidden, jnp.asarray(tok.reshape(groups, streams, -1)),
+                                jnp.asarray(res.reshape(groups, streams, -1)))
+        g += 1
+    jax.block_until_ready(state.params)
+    return state.params, g, time.perf_counter() - t0
+
+
+def run_float_es(config, split, *, population, length, seconds, sigma=0.05, lr=0.02, seed=0):
+    params = float_twin.init_params(jax.random.key(seed), config)
+    strat = esx.eggroll(population_size=population, sigma=sigma, optimizer=optax.adam(lr), group_size=2,
+                        labels=egg.labels(params))
+    state = strat.init(jax.random.key(seed + 1), params)
+    data = text_data.Streams(split.train, split.train_starts, num_streams=population // 2, length=length, seed=seed)
+    step = float_twin.make_es_generation(strat, config)
+    hidden = jnp.zeros((population, 1, config.layers, config.dim))
+    tok, res = data.batch(0)
+    step(state, hidden, jnp.asarray(tok)[:, None], jnp.asarray(res)[:, None])
+    t0, g = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        tok, res = data.batch(g)
+        state, hidden, _ = step(state, hidden, jnp.asarray(tok)[:, None], jnp.asarray(res)[:, None])
+        g += 1
+    jax.block_until_ready(state.params)
+    return state.params, g
+
+
+def run_backprop(config, split, *, batch, length, seconds, lr=3e-3, seed=0):
+    params = float_twin.init_params(jax.random.key(seed), config)
+    opt = optax.adam(lr)
+    step = float_twin.make_backprop_step(opt, config)
+    data = text_data.Streams(split.train, split.train_starts, num_streams=batch, length=length, seed=seed)
+    hidden = jnp.zeros((batch, config.layers, config.dim))
+    opt_state = opt.init(params)
+    tok, res = data.batch(0)
+    step(params, opt_state, hidden, jnp.asarray(tok), jnp.asarray(res))
+    t0, g = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        tok, res = data.batch(g)
+        params, opt_state, hidden, _ = step(params, opt_state, hidden, jnp.asarray(tok), jnp.asarray(res))
+        g += 1
+    jax.block_until_ready(params)
+    return params, g
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["ablation", "twins"])
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--generations", type=int, default=300)
+    ap.add_argument("--populations", default="2,16,256")
+    ap.add_argument("--streams", type=int, default=8)
+    ap.add_argument("--length", type=int, default=50)
+    ap.add_argument("--seconds", type=float, default=120.0)
+    ap.add_argument("--population", type=int, default=256)
+    ap.add_argument("--alpha", type=float, default=0.1)
+    ap.add_argument("--alpha-decay", type=float, default=0.003)
+    args = ap.parse_args(argv)
+    config = egg.EggConfig(dim=args.dim, layers=1)
+    split = text_data.load_split()
+    val = dict(streams=16, length=1024)
+    if args.what == "ablation":
+        print(f"| population | generations | bytes/step (shared) | valid bits/byte | seconds |")
+        print("|---|---|---|---|---|")
+        for pop in [int(p) for p in args.populations.split(",")]:
+            params, g, sec = run_int(config, split, population=pop, group_size=pop, streams=args.streams,
+                                     length=args.length, alpha=args.alpha, alpha_decay=args.alpha_decay,
+                                     generations=args.generations)
+            bpb = egg.bits_per_byte(params, split.valid, config=config, **val)
+            print(f"| {pop} | {g} | {args.streams * args.length} | {bpb:.3f} | {sec:.0f} |", flush=True)
+    else:
+        print("| model / trainer | steps in budget | valid bits/byte |")
+        print("|---|---|---|")
+        params, g, _ = run_int(config, split, population=args.population, group_size=2, streams=1,
+                               length=args.length, alpha=args.alpha, alpha_decay=args.alpha_decay,
+                               seconds=args.seconds)
+        print(f"| int8 EGG, integer EGGROLL (N={args.population}) | {g} | "
+              f"{egg.bits_per_byte(params, split.valid, config=config, **val):.3f} |", flush=True)
+        params, g = run_float_es(config, split, population=args.population, length=args.length,
+                                 seconds=args.seconds)
+        print(f"| float twin, float EGGROLL (N={args.population}, Adam) | {g} | "
+              f"{float_twin.bits_per_byte(params, split.valid, config=config, **val):.3f} |", flush=True)
+        params, g = run_backprop(config, split, batch=32, length=args.length, seconds=args.seconds)
+        print(f"| float twin, backprop (Adam, batch 32) | {g} | "
+              f"{float_twin.bits_per_byte(params, split.valid, config=config, **val):.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
