@@ -17,7 +17,7 @@ Validation (:func:`evaluate_model`) runs the unperturbed model greedily on a fix
 Memory: the parameters are stored once; per member the KV cache is ``2 · L · (P + T) · K · d`` floats per prompt
 (``P`` prompt length, ``T`` new tokens), e.g. SmolLM2-135M (``L=30, K=3, d=64``) with ``P + T = 128`` in float32:
 5.9 MB per (member, prompt), so 64 members × 4 prompts ≈ 1.5 GB; rank-1 noise adds ``(m + n)`` floats per matrix and
-member (≈ 0.6 M floats per member for SmolLM2, most of it the 49152-row embedding).
+member (0.39 M floats per member for SmolLM2 at rank 1, see :func:`noise_floats_per_member`).
 """
 from __future__ import annotations
 
