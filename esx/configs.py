@@ -44,6 +44,11 @@ class TrainConfig:
       target_return: stop once a greedy evaluation reaches this mean return (``None``: never).
       chunk: generations per jitted ``lax.scan`` chunk (logging happens between chunks).
       checkpoint_every: generations between checkpoints (``0``: only at the end and on Ctrl-C).
+      devices: shard the population over this many devices (``0``: all devices; see :mod:`esx.distributed`).
+        Checkpoints do not depend on it: a run saved on 8 devices resumes on 1 and vice versa.
+      placement: ``"gather"`` (every device contracts the full update from the gathered fitnesses; the
+        result is bit-identical for any device count) or ``"reduce"`` (partial updates summed: one
+        parameter-sized all-reduce; equal to rounding).
     """
 
     name: str = "custom"
@@ -72,6 +77,8 @@ class TrainConfig:
     target_return: float | None = None
     chunk: int = 10
     checkpoint_every: int = 50
+    devices: int = 1
+    placement: str = "gather"
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -87,7 +94,7 @@ class TrainConfig:
 
 #: Fields that may differ when a run is resumed (they do not change the training trajectory).
 RUN_CONTROL_FIELDS = frozenset({"generations", "target_return", "eval_every", "eval_episodes",
-                                "final_eval_episodes", "chunk", "checkpoint_every"})
+                                "final_eval_episodes", "chunk", "checkpoint_every", "devices", "placement"})
 
 CONFIGS: dict[str, TrainConfig] = {
     "cartpole": TrainConfig(
@@ -200,6 +207,10 @@ def validate(config: TrainConfig) -> TrainConfig:
         bad(f"depth={config.depth}, width={config.width}; need depth >= 0 and width >= 1")
     if config.max_steps < 0 or config.checkpoint_every < 0:
         bad("max_steps and checkpoint_every must be >= 0")
+    if config.devices < 0:
+        bad(f"devices={config.devices}; must be >= 1, or 0 for all devices")
+    if config.placement not in ("gather", "reduce"):
+        bad(f"placement={config.placement!r}; valid placements are ['gather', 'reduce']")
     if not config.sigma > 0 or not config.learning_rate > 0:
         bad(f"sigma={config.sigma}, learning_rate={config.learning_rate}; both must be > 0")
     return config

@@ -87,7 +87,7 @@ def make_setup(config: TrainConfig) -> Setup:
     """
     config = validate(config)
     core = _core_config(config)
-    adapter, policy, strategy, fitness, run_chunk = _build(core)
+    adapter, policy, strategy, fitness, run_chunk = _build(core, _num_devices(config), config.placement)
     return Setup(config, adapter, policy, strategy, fitness, _evaluator(core, config.eval_episodes),
                  _evaluator(core, config.final_eval_episodes),
                  functools.partial(run_chunk, capacity=_chunk_length(config)))
@@ -106,8 +106,22 @@ def _evaluator(core: TrainConfig, episodes: int) -> Callable:
     return rl.make_evaluator(adapter, policy, episodes=episodes, obs_norm=core.obs_norm)
 
 
+def _num_devices(config: TrainConfig) -> int:
+    available = jax.device_count()
+    n = available if config.devices == 0 else config.devices
+    if n > available:
+        raise ConfigError(f"devices={config.devices}; only {available} device(s) are available")
+    pairs = config.population_size // 2
+    if pairs % n:
+        raise ConfigError(
+            f"population_size={config.population_size} has {pairs} antithetic pairs, which is not divisible by "
+            f"{n} devices; use a population_size that is a multiple of {2 * n} or another device count"
+        )
+    return n
+
+
 @functools.lru_cache(maxsize=8)
-def _build(config: TrainConfig):
+def _build(config: TrainConfig, num_devices: int = 1, placement: str = "gather"):
     from esx_envs import rl
 
     adapter = rl.make_adapter(config.env, max_steps=config.max_steps or None)
@@ -122,16 +136,23 @@ def _build(config: TrainConfig):
         strategy = esx.open_es(**common)
     fitness = rl.make_fitness(adapter, policy, episodes=config.episodes, mode=config.action_mode,
                               obs_norm=config.obs_norm)
+    mesh = None
+    step_strategy = strategy
+    if num_devices > 1:
+        from esx import distributed as dist
+
+        mesh = dist.make_mesh(jax.devices()[:num_devices])
+        # Collective evaluate/tell: members sharded over the mesh, fitnesses (and aux) gathered.
+        step_strategy = dist.shard_strategy(strategy, placement=placement)
 
     def generation(state: DriverState, _):
         key = jax.random.fold_in(jax.random.fold_in(state.key, 0), state.es.generation)
-        returns, moments = strategy.evaluate(state.es, fitness, key, state.obs_stats, has_aux=True)
-        es_state, metrics = strategy.tell(state.es, returns)
+        returns, moments = step_strategy.evaluate(state.es, fitness, key, state.obs_stats, has_aux=True)
+        es_state, metrics = step_strategy.tell(state.es, returns)
         stats = rl.update_obs_stats(state.obs_stats, moments) if config.obs_norm else state.obs_stats
         return DriverState(es_state, stats, state.key), metrics
 
-    @functools.partial(jax.jit, static_argnames="capacity")
-    def _chunk(state, length, capacity):
+    def _chunk_body(state, length, capacity):
         # A while loop with a traced trip count: one compiled body serves every chunk length <= capacity, so
         # where chunks start and end can never change the numbers (nor cost a recompile).
         shapes = jax.eval_shape(generation, state, None)[1]
@@ -144,10 +165,18 @@ def _build(config: TrainConfig):
 
         return lax.fori_loop(0, length, body, (state, buf))
 
+    @functools.partial(jax.jit, static_argnames="capacity")
+    def _chunk(state, length, capacity):
+        if mesh is None:
+            return _chunk_body(state, length, capacity)
+        return dist.replicated_map(lambda s, n: _chunk_body(s, n, capacity), mesh=mesh)(state, length)
+
     def run_chunk(state: DriverState, length: int, *, capacity: int):
         """Runs ``length <= capacity`` generations; returns the new state and the metrics of each."""
         if not 1 <= length <= capacity:
             raise ValueError(f"run_chunk: length={length}; must be in [1, {capacity}]")
+        if mesh is not None:
+            state = dist.replicate(state, mesh)
         new_state, metrics = _chunk(state, jnp.asarray(length, jnp.int32), capacity=int(capacity))
         return new_state, jax.tree_util.tree_map(lambda x: x[:length], metrics)
 

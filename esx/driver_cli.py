@@ -38,6 +38,10 @@ def _train_parser():
                    help="run directory (default: runs/<config>-<date>-<time>; required with --resume)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its newest checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--devices", default=None, metavar="N|all",
+                   help="shard the population over N devices (or all); same as devices=N (0 = all)")
+    p.add_argument("--multi-host", action="store_true",
+                   help="call jax.distributed.initialize from the environment first (see docs/distributed.md)")
     return p
 
 
@@ -47,8 +51,15 @@ def train_main(argv: list[str] | None = None) -> int:
 
     prog = "esx train"
     args = _train_parser().parse_args(argv)
+    if args.multi_host:
+        from esx import distributed
+
+        distributed.initialize_from_env()
+    overrides = list(args.overrides)
+    if args.devices is not None:
+        overrides.append(f"devices={0 if args.devices == 'all' else args.devices}")
     try:
-        config = configs.apply_overrides(configs.get_config(args.config), args.overrides)
+        config = configs.apply_overrides(configs.get_config(args.config), overrides)
     except configs.ConfigError as e:
         return _error(prog, str(e))
     if args.resume and not args.run_dir:

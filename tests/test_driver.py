@@ -207,3 +207,32 @@ def test_notebook_runs_at_small_settings(tmp_path):
     assert "greedy return over 4 episodes" in outputs and "evaluate_run" in outputs
     assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code"
                for o in c.get("outputs", []))
+
+
+def test_sharded_driver_matches_one_device_and_resumes_across_device_counts(tmp_path):
+    """devices=4 ends equal to devices=1 (to float rounding: the sharded program is compiled differently, at
+    XLA's default optimisation level); a run saved on 4 devices resumes on 1 and back to the same state."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    worker = Path(__file__).with_name("_driver_devices_worker.py")
+    out = subprocess.run([sys.executable, str(worker), str(tmp_path)], env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["moved"], res
+    assert res["four_rel"] <= 1e-5 and res["mixed_rel"] <= 1e-5, res
+    assert res["generation"] == 6
+    assert res["reduce_rel"] <= 1e-5, res
+    assert "not divisible by 3 devices" in res["indivisible"], res
+
+
+def test_bad_device_settings_are_config_errors():
+    from esx.configs import ConfigError
+
+    with pytest.raises(ConfigError, match="device\(s\) are available"):
+        driver.make_setup(dataclasses.replace(TINY, devices=jax.device_count() + 1))
+    with pytest.raises(ConfigError, match="placement"):
+        driver.make_setup(dataclasses.replace(TINY, placement="scatter"))
