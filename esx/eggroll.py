@@ -37,7 +37,8 @@ def eggroll(
       shaping: ``"centered_rank"`` (default), ``"z_score"``, ``"group_z_score"``, ``"pair_sign"``,
         ``"identity"`` or a callable ``float[N] -> float[N]``. Fitness is higher-is-better.
       noise_reuse: keep each member's noise for this many generations; ``0`` = the same noise every generation.
-      noise_source: ``"normal"`` (default), ``"rademacher"`` or ``"table"`` (see :mod:`esx.noise`).
+      noise_source: ``"normal"`` (default, exact normals), ``"hash"`` (±1 from a counter hash: the fastest,
+        recommended for speed), ``"binomial"``, ``"rademacher"`` or ``"table"`` (see :mod:`esx.noise`).
       table_size: entries of the shared table for ``noise_source="table"``.
       labels: ``None`` (matrices low-rank, the rest full), ``{glob: label}`` overrides, a function
         ``(path, leaf) -> label`` or a label pytree (see :mod:`esx.labels`).

@@ -477,3 +477,21 @@ def test_docstring_examples_run():
 
     res = doctest.testmod(sys.modules["esx.eggroll"], raise_on_error=False)
     assert res.attempted > 0 and res.failed == 0
+
+
+def test_population_noise_follows_the_documented_key_formula():
+    """ask()'s factors are lowrank_factors(member_key(key, path, generation, pair)) exactly."""
+    params = {"enc": {"w": jnp.zeros((5, 3))}, "b": jnp.zeros(4)}
+    s = esx.eggroll(population_size=6, sigma=0.5, rank=2, optimizer=optax.sgd(1.0), noise_reuse=2)
+    state = s.init(jax.random.key(11), params).replace(generation=jnp.int32(5))
+    pop = s.ask(state)
+    flat_paths = esx.labels.leaf_paths(params)  # ["b", "enc/w"]
+    for pair in range(3):
+        k_w = esx.noise.member_key(state.key, "enc/w", state.generation, pair, 2)
+        a, b = esx.noise.lowrank_factors(k_w, (5, 3), 2, jnp.float32, "normal")
+        got_a, got_b = pop.noise[flat_paths.index("enc/w")]
+        np.testing.assert_array_equal(got_a[pair], a)
+        np.testing.assert_array_equal(got_b[pair], b)
+        k_b = esx.noise.member_key(state.key, "b", state.generation, pair, 2)
+        np.testing.assert_array_equal(pop.noise[flat_paths.index("b")][pair],
+                                      esx.noise.full_noise(k_b, (4,), jnp.float32, "normal"))
