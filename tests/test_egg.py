@@ -451,6 +451,7 @@ def test_float_twin_backprop_learns_and_mirrors_shapes():
     assert after < before - 1.0 and after < 5.5, (before, after)
 
 
+@pytest.mark.slow
 def test_float_twin_trains_with_float_eggroll():
     import optax
 
