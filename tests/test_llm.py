@@ -151,6 +151,7 @@ def test_verifier_never_raises(text):
 # ----------------------------------------------------------------------------------------------------------------
 from esx_envs.llm import es, grpo, loader, model, tokenizer  # noqa: E402
 
+_forward = jax.jit(model.forward, static_argnames="cfg")
 TINY = model.LlamaConfig(vocab_size=259, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, hidden_dim=48,
                          rope_theta=500.0)
 
@@ -274,11 +275,13 @@ def test_kv_cache_generation_equals_full_forward_argmax():
     T = 7
     out, lengths = model.generate_jit(params, jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(0), cfg=TINY,
                                       options=model.GenerateOptions(max_new_tokens=T))
-    seq, m = tokens, mask
-    for _ in range(T):
-        logits = np.asarray(model.forward(params, jnp.asarray(seq), cfg=TINY, mask=jnp.asarray(m)))[:, -1]
-        seq = np.concatenate([seq, logits.argmax(-1)[:, None].astype(np.int32)], axis=1)
-        m = np.concatenate([m, np.ones((3, 1), bool)], axis=1)
+    # reference: full forwards (no cache) over a fixed buffer, right-padded (one compilation)
+    seq = np.concatenate([tokens, np.zeros((3, T), np.int32)], axis=1)
+    m = np.concatenate([mask, np.zeros((3, T), bool)], axis=1)
+    for t in range(T):
+        logits = np.asarray(_forward(params, jnp.asarray(seq), cfg=TINY, mask=jnp.asarray(m)))[:, 5 + t]
+        seq[:, 6 + t] = logits.argmax(-1)
+        m[:, 6 + t] = True
     np.testing.assert_array_equal(np.asarray(out), seq[:, 6:])
     assert list(np.asarray(lengths)) == [T] * 3
     # a stop id ends a row (kept), pads follow; a stop sequence ends a row after its last token
@@ -314,10 +317,10 @@ def test_member_view_forward_equals_materialised_weights():
         view = strategy.view(state, pop, member)
         dense_params = jax.tree_util.tree_map(esx.value, view,
                                               is_leaf=lambda v: isinstance(v, (esx.LowRank, esx.Full)))
-        got = model.forward(view, tokens, cfg=TINY)
-        ref = model.forward(dense_params, tokens, cfg=TINY)
+        got = _forward(view, tokens, cfg=TINY)
+        ref = _forward(dense_params, tokens, cfg=TINY)
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=2e-5, rtol=0)
-        assert float(jnp.abs(ref - model.forward(params, tokens, cfg=TINY)).max()) > 1e-3
+        assert float(jnp.abs(ref - _forward(params, tokens, cfg=TINY)).max()) > 1e-3
 
 
 def test_byte_tokenizer_round_trip():
