@@ -2,7 +2,8 @@
 
 The public API (everything else is internal):
 
-* strategies: :func:`eggroll`, :func:`open_es` -> :class:`Strategy` (``init / ask / view / evaluate / tell``),
+* strategies: :func:`eggroll`, :func:`open_es` (and the integer :mod:`esx.int_eggroll` for int8 models)
+  -> :class:`Strategy` (``init / ask / view / evaluate / tell``),
   the free :func:`step`, the state :class:`State` and :class:`Metrics`;
 * model-side ops: :func:`dense`, :func:`embed`, :func:`value` and the perturbed leaves :class:`LowRank`,
   :class:`Full`;
@@ -10,7 +11,7 @@ The public API (everything else is internal):
 
 Only jax, optax and numpy are imported here.
 """
-from esx import labels, noise, shaping
+from esx import int_eggroll, labels, noise, shaping
 from esx.eggroll import eggroll
 from esx.labels import FROZEN, FULL, LOWRANK, make_labels
 from esx.open_es import open_es
@@ -21,6 +22,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Config", "FROZEN", "FULL", "Full", "LOWRANK", "LowRank", "Metrics", "Population", "State",
-    "Strategy", "dense", "eggroll", "embed", "labels", "make_labels", "noise", "open_es",
+    "Strategy", "dense", "eggroll", "embed", "int_eggroll", "labels", "make_labels", "noise", "open_es",
     "paper_learning_rate", "shaping", "step", "value",
 ]
