@@ -158,6 +158,15 @@ def make_adapter(env_name: str, *, max_steps: int | None = None) -> Adapter:
 ADAPTERS: dict[str, Callable[..., Adapter]] = {}
 
 
+def _jumanji(env_name: str, *, max_steps: int | None = None) -> Adapter:
+    from esx_envs.jumanji_adapter import Jumanji  # optional extra `rl-jumanji`
+
+    return Jumanji(env_name, max_steps=max_steps)
+
+
+ADAPTERS["jumanji:"] = _jumanji
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The policy
 # ----------------------------------------------------------------------------------------------------------------
