@@ -47,22 +47,8 @@ def load_bytes(path: str | os.PathLike | None = None, *, suffixes: tuple[str, ..
         p for p in path.rglob("*") if p.is_file() and (suffixes is None or p.suffix in suffixes))
     if not files:
         raise ValueError(f"load_bytes: no files under {path}")
-    chunks, starts, total = [], [], 0
-    for f in files:
-        b = f.read_bytes()
-        if max_bytes is not None:
-            b = b[:max_bytes - total]
-        if not b:
-            continue
-        chunks.append(np.frombuffer(b, np.uint8))
-        starts.append(total)
-        total += len(b)
-        if max_bytes is not None and total >= max_bytes:
-            break
-    data = np.concatenate(chunks)
-    doc_starts = np.zeros(len(data), bool)
-    doc_starts[starts] = True
-    return data, doc_starts
+    # Each file is one document; files are read lazily, so max_bytes stops reading early.
+    return documents_to_bytes((f.read_bytes() for f in files), max_bytes=max_bytes)
 
 
 def documents_to_bytes(texts, *, max_bytes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
