@@ -382,35 +382,28 @@ def _byte_mean_reward(problem, text):
 
 @pytest.mark.slow
 def test_es_raises_sanity_reward_on_tiny_model():
+    """ES maximises the population's expected reward E[f(θ + σε)]: on fixed prompts its mean rises."""
     tok = tokenizer.ByteTokenizer()
     params = model.init_params(jax.random.key(0), TINY, scale=0.1)
-    config = es.ESConfig(population_size=16, group_size=8, sigma=0.05, learning_rate=0.02, optimizer="adam",
-                         max_new_tokens=6, chat=False)
+    config = es.ESConfig(population_size=16, group_size=8, prompts_per_member=2, sigma=0.1, learning_rate=0.05,
+                         optimizer="adam", max_new_tokens=6, chat=False, generations_per_prompt=1000)
     trainer = es.ESTrainer(cfg=TINY, params=params, tokenizer=tok, task=tasks.Arithmetic(digits=1), config=config,
                            reward_fn=_byte_mean_reward, seed=0)
-    val = tasks.Arithmetic(digits=1).sample(random.Random(5), 8)
-
-    def greedy_reward():
-        ids, mask = es.encode_prompts(tok, val, chat=False)
-        out, lens = model.generate_jit(trainer.params, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0),
-                                       cfg=TINY, options=trainer.options)
-        texts = es.decode_completions(tok, np.asarray(out), np.asarray(lens))
-        return float(np.mean([_byte_mean_reward(None, t) for t in texts]))
-
-    before = greedy_reward()
-    rewards = [trainer.step()["reward"] for _ in range(8)]
-    after = greedy_reward()
-    assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.02, rewards
-    assert after > before + 0.02, (before, after)
+    metrics = [trainer.step() for _ in range(10)]
+    rewards = [m["reward"] for m in metrics]
+    assert all(0.0 <= r <= 1.0 for r in rewards) and all(m["tokens"] > 0 for m in metrics)
+    assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.05, rewards
+    v = trainer.validate(tasks.Arithmetic(digits=1).sample(random.Random(5), 4), batch_size=4)
+    assert v["accuracy"] == 0.0 and len(v["samples"]) == 3  # a random byte model solves nothing
 
 
 @pytest.mark.slow
 def test_llm_notebook_runs():
     from test_notebooks import outputs_text, run_notebook
-    nb = run_notebook("llm_reasoning.ipynb", {"ESX_NB_GENERATIONS": "8"}, timeout=900)
+    nb = run_notebook("llm_reasoning.ipynb", {"ESX_NB_GENERATIONS": "10"}, timeout=900)
     line = next(t for t in outputs_text(nb).splitlines() if t.startswith("generations:"))
     first, last = float(line.split("first:")[1].split()[0]), float(line.split("last:")[1])
-    assert last > first, line
+    assert last > first + 0.05, line
 
 
 # ----------------------------------------------------------------------------------------------------------------
