@@ -54,7 +54,7 @@ def _slice(leaf, i):
     if isinstance(leaf, esx.LowRank):
         return esx.LowRank(leaf.base[i], leaf.a[i], leaf.b[i], leaf.coef[i])
     if isinstance(leaf, esx.Full):
-        return esx.Full(leaf.base[i], leaf.eps[i], leaf.coef)
+        return esx.Full(leaf.base[i], leaf.eps[i], leaf.coef[i])
     return leaf[i]
 
 

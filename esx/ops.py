@@ -59,7 +59,8 @@ class Full:
     Attributes:
       base: ``float[*shape]``.
       eps: ``float[*shape]``.
-      coef: scalar ``σ s``.
+      coef: ``float[*shape[:-1]]`` (a scalar for vectors and scalars), every entry ``σ s``: one coefficient
+        per row, so that ``lax.scan`` can slice stacked leaves (e.g. biases ``[layers, d]``) like low-rank ones.
     """
 
     base: jax.Array
@@ -110,7 +111,7 @@ def dense(x: jax.Array, w, *, layout: Layout = "in_out") -> jax.Array:
         return x @ w.base.T + c * ((x @ w.b.astype(x.dtype)) @ w.a.T.astype(x.dtype))
     if isinstance(w, Full):
         _check_matrix(w, "dense")
-        w = w.base + w.coef.astype(w.base.dtype) * w.eps
+        w = value(w)
     return x @ w if layout == "in_out" else x @ w.T
 
 
@@ -133,7 +134,7 @@ def embed(ids: jax.Array, table) -> jax.Array:
         return table.base[ids] + c * (table.a[ids] @ table.b.T)
     if isinstance(table, Full):
         _check_matrix(table, "embed")
-        return table.base[ids] + table.coef.astype(table.base.dtype) * table.eps[ids]
+        return table.base[ids] + table.coef.astype(table.base.dtype)[ids][..., None] * table.eps[ids]
     return table[ids]
 
 
@@ -147,5 +148,6 @@ def value(v) -> jax.Array:
         c = v.coef.astype(v.base.dtype)[..., None, None]
         return v.base + c * jnp.einsum("...mr,...nr->...mn", v.a, v.b)
     if isinstance(v, Full):
-        return v.base + v.coef.astype(v.base.dtype) * v.eps
+        c = v.coef.astype(v.base.dtype)
+        return v.base + (c[..., None] if v.base.ndim >= 1 else c) * v.eps
     return v

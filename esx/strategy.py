@@ -319,7 +319,8 @@ def make_strategy(
                 coef = jnp.broadcast_to(coef, leaf.shape[:-2]).astype(jnp.float32)
                 leaves.append(LowRank(leaf, a, b, coef))
             else:
-                leaves.append(Full(leaf, nz, (state.sigma * sign).astype(jnp.float32)))
+                coef = jnp.broadcast_to(state.sigma * sign, leaf.shape[:-1]).astype(jnp.float32)
+                leaves.append(Full(leaf, nz, coef))
         return jax.tree_util.tree_unflatten(info.treedef, leaves)
 
     def sign_of(member):

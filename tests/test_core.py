@@ -495,3 +495,24 @@ def test_population_noise_follows_the_documented_key_formula():
         k_b = esx.noise.member_key(state.key, "b", state.generation, pair, 2)
         np.testing.assert_array_equal(pop.noise[flat_paths.index("b")][pair],
                                       esx.noise.full_noise(k_b, (4,), jnp.float32, "normal"))
+
+
+def test_stacked_full_leaves_scan_like_lowrank_ones():
+    """A perturbed bias stack [layers, d] slices under lax.scan (Full.coef has one entry per row)."""
+    params = {"w": jnp.zeros((3, 4, 4)), "b": jnp.ones((3, 4))}
+    s = esx.eggroll(population_size=2, sigma=0.5, rank=1, optimizer=optax.sgd(1.0), labels={"b": "full"})
+    state = s.init(jax.random.key(0), params)
+    view = s.view(state, s.ask(state), 1)
+    dense = materialise(s, state, 1)
+
+    def body(h, layer):
+        w, b = layer
+        return jnp.tanh(esx.dense(h, w) + esx.value(b)), None
+
+    x = jnp.arange(1.0, 5.0)[None]
+    got, _ = jax.lax.scan(body, x, (view["w"], view["b"]))
+    ref = x
+    for i in range(3):
+        ref = jnp.tanh(ref @ dense["w"][i] + dense["b"][i])
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(dense["b"], params["b"])
