@@ -149,8 +149,17 @@ def test_obs_stats_equal_numpy_mean_and_var_of_observations_seen():
         keys = jax.random.split(jax.random.key(10 + round_), 32)
         _, _, moments = jax.vmap(lambda k: rl.rollout(env, policy, params, k, stats))(keys)
         stats = rl.update_obs_stats(stats, moments)
-        for length in episode_lengths(keys):
-            seen += [[t, length] for t in range(length)]
+        seen += observations_seen(keys)
+    assert_stats_match(stats, seen)
+
+
+def observations_seen(keys) -> list[list[int]]:
+    """The Countdown observations ``[t, length]`` acted on in the episodes of ``keys``."""
+    return [[t, length] for length in episode_lengths(keys) for t in range(length)]
+
+
+def assert_stats_match(stats, seen) -> None:
+    """Running statistics equal numpy's count, mean and variance of every observation seen."""
     data = np.array(seen, np.float64)
     assert float(stats.count) == len(data)
     np.testing.assert_allclose(np.asarray(stats.mean), data.mean(0), rtol=1e-5)
@@ -172,12 +181,8 @@ def test_obs_stats_from_population_aux():
     seen = []
     member_keys = jax.vmap(lambda m: jax.random.split(jax.random.fold_in(key, m), 2))(
         jnp.arange(8, dtype=jnp.uint32))  # the default group_size=1: each member its own key
-    for length in episode_lengths(member_keys.reshape(-1)):
-        seen += [[t, length] for t in range(length)]
-    data = np.array(seen, np.float64)
-    assert float(stats.count) == len(data)
-    np.testing.assert_allclose(np.asarray(stats.mean), data.mean(0), rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(stats.var), data.var(0), rtol=1e-4)
+    seen += observations_seen(member_keys.reshape(-1))
+    assert_stats_match(stats, seen)
 
 
 def test_normalize_uses_stats():
