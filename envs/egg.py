@@ -381,3 +381,74 @@ def make_generation(strategy, config: EggConfig = EggConfig()):
 def initial_hidden(population_size: int, streams: int, config: EggConfig = EggConfig()) -> jax.Array:
     """``int8[N, B, L, D]`` zeros."""
     return jnp.zeros((population_size, streams, config.layers, config.dim), jnp.int8)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the shared training driver (``esx train egg-shakespeare``)
+
+#: Reference bits/byte of tinyshakespeare's validation split (../shared/data/README.md).
+SHAKESPEARE_REFERENCES = (("unigram 4.83", 4.83), ("bigram 3.59", 3.59))
+
+
+def driver_setup(config) -> Any:
+    """The :class:`esx.driver.Setup` of an :class:`esx.configs.EggTrainConfig` (memoised on its non-run-control
+    fields: the data, the strategy and the jitted generation are built once per process).
+
+    One generation: the ``N / group_size`` groups read ``streams_per_member`` streams of ``length`` bytes each
+    (:class:`esx_envs.text_data.Streams`, a pure function of the generation), every member continues from its carried
+    hidden state (``DriverState.carry: int8[N, B, L, D]``, reset at document boundaries), fitness is its integer
+    ``Σ log2 p · 4096``. Per-generation records add ``train_bpb`` (the population's mean bits/byte on its bytes),
+    ``alpha`` and ``changed_fraction``; evaluations report ``valid_bpb`` on the validation subset (the final one on
+    the whole split) and the final one adds a 200-byte sample.
+    """
+    from esx import driver
+
+    core = driver.core_config(config)
+    strategy, ecfg, split, streams, step = _driver_parts(core)
+    groups, b = config.population_size // config.group_size, config.streams_per_member
+
+    def initial_state():
+        run_key = jax.random.key(config.seed)
+        params = init_params(jax.random.fold_in(run_key, 3), ecfg)
+        es_state = strategy.init(jax.random.fold_in(run_key, 1), params)
+        return driver.DriverState(es_state, initial_hidden(config.population_size, b, ecfg), run_key)
+
+    def generation(state):
+        tok, res = streams.batch(state.generation)
+        es_state, hidden, metrics = step(state.es, state.carry, jnp.asarray(tok.reshape(groups, b, -1)),
+                                         jnp.asarray(res.reshape(groups, b, -1)))
+        return driver.DriverState(es_state, hidden, state.key), metrics
+
+    def evaluate(state, final: bool):
+        if final:
+            bpb = bits_per_byte(state.es.params, split.valid, config=ecfg, streams=config.final_eval_streams)
+            text = sample(state.es.params, "ROMEO:", 200, jax.random.fold_in(driver.eval_key(state), 1),
+                          config=ecfg, temperature=0.8)
+            return {"valid_bpb": bpb, "sample": text}, None
+        return {"valid_bpb": bits_per_byte(state.es.params, split.valid, config=ecfg, streams=config.eval_streams,
+                                           length=config.eval_length)}, None
+
+    def train_extra(m, i):
+        return {"train_bpb": -float(m.fitness_mean[i]) / (1 << LL_FRAC) / (b * config.length),
+                "alpha": float(m.alpha[i]), "changed_fraction": float(m.changed_fraction[i])}
+
+    return driver.Setup(config, strategy, driver.host_chunk(generation), initial_state, evaluate,
+                        score="valid_bpb", higher_is_better=False, target=config.target_bpb,
+                        fitness_name="fitness", train_extra=train_extra, plot_keys=("train_bpb",),
+                        ylabel="bits per byte",
+                        references=SHAKESPEARE_REFERENCES if not config.data else ())
+
+
+@functools.lru_cache(maxsize=4)
+def _driver_parts(core):
+    from esx_envs import text_data
+
+    ecfg = EggConfig(dim=core.dim, layers=core.layers)
+    split = text_data.load_split(core.data or None)
+    shapes = jax.eval_shape(lambda: init_params(jax.random.key(0), ecfg))
+    strategy = ie.int_eggroll(population_size=core.population_size, sigma_shift=core.sigma_shift, alpha=core.alpha,
+                              alpha_decay=core.alpha_decay, group_size=core.group_size, labels=labels(shapes))
+    groups = core.population_size // core.group_size
+    streams = text_data.Streams(split.train, split.train_starts, num_streams=groups * core.streams_per_member,
+                                length=core.length, seed=core.seed)
+    return strategy, ecfg, split, streams, make_generation(strategy, ecfg)

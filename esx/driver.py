@@ -1,26 +1,34 @@
 """The training driver shared by the CLI, the notebooks and library users.
 
-``train(config, run_dir=...)`` runs an RL config (:class:`esx.configs.TrainConfig`) end to end:
+``train(config, run_dir=...)`` runs any config of :mod:`esx.configs` end to end -- an RL policy
+(:class:`~esx.configs.TrainConfig`), the integer EGG language model (:class:`~esx.configs.EggTrainConfig`) or an
+LLM on a verifiable task (:class:`~esx.configs.LLMTrainConfig`):
 
-* ``chunk`` generations per jitted ``lax.scan`` (one compile; logging, evaluation and checkpoints happen between
-  chunks); the evaluation key of generation ``g`` is ``fold_in(fold_in(run_key, 0), g)`` -- a function of the
-  generation index only, so the chunk size, interruptions and resumes never change the trajectory;
-* a greedy evaluation of the unperturbed policy every ``eval_every`` generations, a tqdm progress bar
-  (generation, best / mean return, generations per second, ETA), metrics appended to ``metrics.jsonl`` and
-  ``metrics.csv``, the learning curve ``learning_curve.png``;
-* full-state checkpoints (orbax) every ``checkpoint_every`` generations, at the end, and on Ctrl-C: the esx
-  :class:`~esx.State` (params, optimizer state, σ, generation, noise key), the observation statistics, the run key and
-  the config. Each is written to a temporary folder and renamed into place; the previous one is kept.
+* ``chunk`` generations per call of the setup's ``run_chunk`` (for RL one jitted ``lax.fori_loop``, one compile;
+  EGG and LLM loop over a jitted generation on the host because their data / verifiers live there); logging,
+  evaluation and checkpoints happen between chunks. Every random draw of generation ``g`` is a function of the run
+  seed and ``g`` only, so the chunk size, interruptions and resumes never change the trajectory;
+* an evaluation of the unperturbed parameters every ``eval_every`` generations (RL: greedy return; EGG: validation
+  bits/byte; LLM: greedy validation accuracy), a tqdm progress bar (generation, best / mean fitness, the latest
+  evaluation, generations per second, ETA), metrics appended to ``metrics.jsonl`` and ``metrics.csv``, the learning
+  curve ``learning_curve.png``;
+* full-state checkpoints (orbax) every ``checkpoint_every`` generations, at the end, on Ctrl-C and when the
+  ``minutes`` budget runs out: the esx :class:`~esx.State` (params, optimizer state, σ, generation, noise key), the
+  task's carried state (RL observation statistics, EGG hidden states), the run key and the config. Each is written
+  to a temporary folder and renamed into place; the previous one is kept.
 * ``train(config, run_dir, resume=True)`` continues from the newest checkpoint and ends bit-identical to an
   uninterrupted run.
 
-orbax, tqdm and matplotlib are imported inside the functions that use them (``import esx`` stays light).
+A task plugs in by returning a :class:`Setup` from a builder registered in :data:`BUILDERS` (keyed by the config
+class's ``KIND``). orbax, tqdm, matplotlib and the plug-ins are imported inside the functions that use them
+(``import esx`` stays light).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -38,6 +46,7 @@ import optax
 from jax import lax
 
 import esx
+from esx import configs as configs_lib
 from esx.configs import RUN_CONTROL_FIELDS, ConfigError, TrainConfig, validate
 
 
@@ -52,50 +61,154 @@ class DriverState:
 
     Attributes:
       es: the :class:`esx.State` (params, optimizer state, σ, generation, noise key).
-      obs_stats: :class:`esx_envs.rl.ObsStats` running observation statistics.
+      carry: the task's state carried across generations: RL :class:`esx_envs.rl.ObsStats` running observation
+        statistics, EGG ``int8[N, B, L, D]`` hidden states, ``None`` for the LLM task.
       key: the run key (constant; per-generation keys are folded from it and the generation index).
     """
 
     es: esx.State
-    obs_stats: Any
+    carry: Any
     key: jax.Array
 
     @property
     def generation(self) -> int:
         return int(self.es.generation)
 
+    @property
+    def obs_stats(self):
+        """The RL name of :attr:`carry`."""
+        return self.carry
+
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-    """The static pieces of a run built from its config (see :func:`make_setup`)."""
+    """The pieces of a run built from its config (see :func:`make_setup`); what a task plug-in provides.
 
-    config: TrainConfig
-    adapter: Any
-    policy: Any
+    Attributes:
+      config: the run's config.
+      strategy: the esx strategy.
+      run_chunk: ``(DriverState, length) -> (DriverState, metrics)``: runs ``length`` (<= the chunk) generations;
+        ``metrics`` is an :class:`esx.Metrics`-like NamedTuple (``fitness_mean/std/max/min``, ``grad_norm``,
+        ``sigma``, ``generation`` -- the generation before the update) stacked over ``length``.
+      initial_state: ``() -> DriverState`` the generation-0 state (a pure function of the config).
+      evaluate: ``(DriverState, final: bool) -> (dict, values or None)``: the evaluation of the unperturbed
+        parameters (``final``: the larger end-of-run one); the dict holds ``score`` and other numbers, ``values``
+        the per-episode returns (RL) or ``None``.
+      score: the key of the headline number in ``evaluate``'s dict (``"eval_return_mean"``, ``"valid_bpb"``,
+        ``"val_accuracy"``).
+      higher_is_better: the direction of ``score`` (for the target and the progress bar).
+      eval_at_start: also evaluate at generation 0 (the "before" number; RL skips it: a random policy's return is
+        uninformative and costs episodes).
+      target: stop once ``score`` reaches this (``None``: never).
+      fitness_name: per-generation records have ``<fitness_name>_mean/_max/_min/_std``.
+      train_extra: ``(metrics, i) -> dict`` extra per-generation fields (e.g. EGG training bits/byte).
+      plot_keys: per-generation fields drawn in the learning curve.
+      ylabel, references: the plot's y label and horizontal reference lines ``{label: value}``.
+      adapter, policy, fitness, evaluator, final_evaluator: the RL pieces (``None`` for other tasks).
+    """
+
+    config: Any
     strategy: esx.Strategy
-    fitness: Callable
-    evaluator: Callable          # (params, key, obs_stats) -> float[eval_episodes]
-    final_evaluator: Callable    # (params, key, obs_stats) -> float[final_eval_episodes]
-    run_chunk: Callable          # (DriverState, length <= chunk) -> (DriverState, esx.Metrics stacked over length)
+    run_chunk: Callable
+    initial_state: Callable[[], DriverState]
+    evaluate: Callable
+    score: str
+    higher_is_better: bool = True
+    eval_at_start: bool = True
+    target: float | None = None
+    fitness_name: str = "fitness"
+    train_extra: Callable | None = None
+    plot_keys: tuple = ("fitness_mean", "fitness_max")
+    ylabel: str = "fitness"
+    references: tuple = ()
+    adapter: Any = None
+    policy: Any = None
+    fitness: Callable | None = None
+    evaluator: Callable | None = None
+    final_evaluator: Callable | None = None
+
+    def better(self, a: float, b: float) -> bool:
+        """``a`` is at least as good as ``b``."""
+        return a >= b if self.higher_is_better else a <= b
 
 
-def make_setup(config: TrainConfig) -> Setup:
-    """Builds the environment adapter, the policy, the strategy and the jitted chunk function of ``config``.
+#: Setup builders by config kind: ``"module:function"`` taking the validated config.
+BUILDERS: dict[str, str] = {
+    "rl": "esx.driver:_rl_setup",
+    "egg": "esx_envs.egg:driver_setup",
+    "llm": "esx_envs.llm.driver:driver_setup",
+}
 
-    Memoised on the config without its run-control fields (:data:`~esx.configs.RUN_CONTROL_FIELDS`), so repeated
-    or resumed runs of one config in a process compile once.
+
+def make_setup(config) -> Setup:
+    """Builds the strategy, the task and the chunk function of ``config`` (any :mod:`esx.configs` class).
+
+    The expensive part is memoised on the config without its run-control fields
+    (:data:`~esx.configs.RUN_CONTROL_FIELDS`), so repeated or resumed runs of one config in a process compile once.
     """
     config = validate(config)
-    core = _core_config(config)
+    module, func = BUILDERS[config.KIND].split(":")
+    return getattr(importlib.import_module(module), func)(config)
+
+
+def core_config(config):
+    """``config`` with its run-control fields at their class defaults and no name (the memoisation key)."""
+    defaults = type(config)()
+    names = {f.name for f in dataclasses.fields(config)}
+    return dataclasses.replace(config, name="", **{f: getattr(defaults, f) for f in RUN_CONTROL_FIELDS & names})
+
+
+def chunk_capacity(config) -> int:
+    """Generations per chunk: ``chunk`` reduced so that evaluations and checkpoints fall on chunk ends."""
+    length = config.chunk
+    for every in (config.eval_every, config.checkpoint_every):
+        if every:
+            length = math.gcd(length, every)
+    return length
+
+
+def host_chunk(generation: Callable) -> Callable:
+    """A ``run_chunk`` for tasks whose generation runs on the host: ``generation(state) -> (state, metrics)`` is
+    called ``length`` times and the metrics are stacked (numpy) over the generations."""
+    def run_chunk(state: DriverState, length: int):
+        if length < 1:
+            raise ValueError(f"run_chunk: length={length}; must be >= 1")
+        ms = []
+        for _ in range(length):
+            state, m = generation(state)
+            ms.append(jax.device_get(m))
+        return state, jax.tree_util.tree_map(lambda *x: np.stack(x), *ms)
+    return run_chunk
+
+
+def _rl_setup(config: TrainConfig) -> Setup:
+    core = core_config(config)
     adapter, policy, strategy, fitness, run_chunk = _build(core, _num_devices(config), config.placement)
-    return Setup(config, adapter, policy, strategy, fitness, _evaluator(core, config.eval_episodes),
-                 _evaluator(core, config.final_eval_episodes),
-                 functools.partial(run_chunk, capacity=_chunk_length(config)))
+    evaluator = _evaluator(core, config.eval_episodes)
+    final_evaluator = _evaluator(core, config.final_eval_episodes)
 
+    def initial_state() -> DriverState:
+        from esx_envs import rl
 
-def _core_config(config: TrainConfig) -> TrainConfig:
-    defaults = TrainConfig()
-    return dataclasses.replace(config, name="", **{f: getattr(defaults, f) for f in RUN_CONTROL_FIELDS})
+        run_key = jax.random.key(config.seed)
+        params = policy.init(jax.random.fold_in(run_key, 3))
+        es_state = strategy.init(jax.random.fold_in(run_key, 1), params)
+        return DriverState(es_state, rl.ObsStats.create(adapter.observation_shape), run_key)
+
+    def evaluate(state: DriverState, final: bool):
+        if final:
+            r = np.asarray(final_evaluator(state.es.params, jax.random.fold_in(eval_key(state), 1), state.carry))
+        else:
+            r = np.asarray(evaluator(state.es.params, eval_key(state), state.carry))
+        return {"eval_return_mean": float(r.mean()), "eval_return_std": float(r.std()),
+                "eval_return_min": float(r.min())}, r
+
+    return Setup(config, strategy, functools.partial(run_chunk, capacity=chunk_capacity(config)), initial_state,
+                 evaluate, score="eval_return_mean", higher_is_better=True, eval_at_start=False,
+                 target=config.target_return,
+                 fitness_name="return", plot_keys=("return_mean", "return_max"), ylabel="episode return",
+                 adapter=adapter, policy=policy, fitness=fitness, evaluator=evaluator,
+                 final_evaluator=final_evaluator)
 
 
 @functools.lru_cache(maxsize=8)
@@ -147,9 +260,9 @@ def _build(config: TrainConfig, num_devices: int = 1, placement: str = "gather")
 
     def generation(state: DriverState, _):
         key = jax.random.fold_in(jax.random.fold_in(state.key, 0), state.es.generation)
-        returns, moments = step_strategy.evaluate(state.es, fitness, key, state.obs_stats, has_aux=True)
+        returns, moments = step_strategy.evaluate(state.es, fitness, key, state.carry, has_aux=True)
         es_state, metrics = step_strategy.tell(state.es, returns)
-        stats = rl.update_obs_stats(state.obs_stats, moments) if config.obs_norm else state.obs_stats
+        stats = rl.update_obs_stats(state.carry, moments) if config.obs_norm else state.carry
         return DriverState(es_state, stats, state.key), metrics
 
     def _chunk_body(state, length, capacity):
@@ -185,16 +298,11 @@ def _build(config: TrainConfig, num_devices: int = 1, placement: str = "gather")
 
 def init_state(setup: Setup) -> DriverState:
     """The generation-0 state of ``setup.config`` (a pure function of the config)."""
-    from esx_envs import rl
-
-    run_key = jax.random.key(setup.config.seed)
-    params = setup.policy.init(jax.random.fold_in(run_key, 3))
-    es_state = setup.strategy.init(jax.random.fold_in(run_key, 1), params)
-    return DriverState(es_state, rl.ObsStats.create(setup.adapter.observation_shape), run_key)
+    return setup.initial_state()
 
 
 def eval_key(state: DriverState) -> jax.Array:
-    """The key of the greedy evaluation at ``state``'s generation."""
+    """The key of the evaluation at ``state``'s generation."""
     return jax.random.fold_in(jax.random.fold_in(state.key, 2), state.es.generation)
 
 
@@ -249,7 +357,7 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]))
 
 
-def save_checkpoint(run_dir: str | os.PathLike, state: DriverState, config: TrainConfig, run_id: str) -> Path:
+def save_checkpoint(run_dir: str | os.PathLike, state: DriverState, config, run_id: str) -> Path:
     """Writes ``state`` to ``run_dir/checkpoints/gen_<generation>`` atomically; keeps the previous one.
 
     The arrays go through orbax into a temporary folder together with ``meta.json`` (config, generation, run id,
@@ -266,7 +374,7 @@ def save_checkpoint(run_dir: str | os.PathLike, state: DriverState, config: Trai
     arrays = _to_host(state)
     try:
         ocp.PyTreeCheckpointer().save(tmp / "state", {f"a{i:04d}": a for i, a in enumerate(arrays)})
-        meta = {"generation": gen, "run_id": run_id, "config": dataclasses.asdict(config),
+        meta = {"generation": gen, "run_id": run_id, "config": configs_lib.to_dict(config),
                 "num_arrays": len(arrays), "sha256": _digest(arrays), "time": time.time()}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
         if final.exists():
@@ -304,6 +412,7 @@ def load_checkpoint(path: str | os.PathLike, template: DriverState) -> tuple[Dri
 
 
 def _config_diff(a: dict, b: dict) -> list[str]:
+    a, b = {"kind": "rl", **a}, {"kind": "rl", **b}   # configs saved before kinds existed are RL configs
     keys = sorted(set(a) | set(b))
     return [k for k in keys if k not in RUN_CONTROL_FIELDS and k != "name" and a.get(k) != b.get(k)]
 
@@ -330,10 +439,11 @@ def restore_run(run_dir: str | os.PathLike, setup: Setup, run_id: str | None) ->
             raise CheckpointError(
                 f"checkpoint {newest} belongs to another run (run id {meta.get('run_id')!r}, this run directory "
                 f"is {run_id!r}); copy checkpoints only together with their run directory")
-        diff = _config_diff(meta.get("config", {}), dataclasses.asdict(setup.config))
+        now = configs_lib.to_dict(setup.config)
+        diff = _config_diff(meta.get("config", {}), now)
         if diff:
-            detail = ", ".join(f"{k}: checkpoint {meta['config'].get(k)!r} vs now {getattr(setup.config, k, None)!r}"
-                               for k in diff)
+            saved = {"kind": "rl", **meta["config"]}
+            detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in diff)
             raise CheckpointError(f"cannot resume {run_dir} with a different config ({detail}); only "
                                   f"{sorted(RUN_CONTROL_FIELDS)} may change on resume")
         try:
@@ -349,10 +459,6 @@ def restore_run(run_dir: str | os.PathLike, setup: Setup, run_id: str | None) ->
 # ----------------------------------------------------------------------------------------------------------------
 # Logs and plots
 # ----------------------------------------------------------------------------------------------------------------
-_CSV_FIELDS = ["generation", "return_mean", "return_max", "return_min", "return_std", "grad_norm", "sigma",
-               "eval_return_mean", "wall_time"]
-
-
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     """All records of ``run_dir/metrics.jsonl`` (``kind``: ``"train"`` per generation, ``"eval"``)."""
     path = Path(run_dir) / "metrics.jsonl"
@@ -379,19 +485,25 @@ def _truncate_logs(run_dir: Path, generation: int) -> None:
 
 
 def _write_csv(run_dir: Path, records: list[dict]) -> None:
-    evals = {r["generation"]: r["eval_return_mean"] for r in records if r["kind"] == "eval"}
+    """One row per generation: the train record's numbers, then the evaluation's numbers where there was one."""
+    train = [r for r in records if r["kind"] == "train"]
+    evals = {r["generation"]: r for r in records if r["kind"] == "eval"}
+    skip = {"kind", "generation", "wall_time"}
+    fields = ["generation"]
+    for r in train[:1] + list(evals.values())[:1]:
+        fields += [k for k, v in r.items() if k not in skip and k not in fields and isinstance(v, (int, float))]
+    fields.append("wall_time")
     with open(run_dir / "metrics.csv", "w") as f:
-        f.write(",".join(_CSV_FIELDS) + "\n")
-        for r in records:
-            if r["kind"] != "train":
-                continue
-            row = dict(r, eval_return_mean=evals.get(r["generation"], ""))
-            f.write(",".join(str(row.get(k, "")) for k in _CSV_FIELDS) + "\n")
+        f.write(",".join(fields) + "\n")
+        for r in train:
+            row = {**evals.get(r["generation"], {}), **r}
+            f.write(",".join(str(row.get(k, "")) for k in fields) + "\n")
 
 
 def plot_learning_curve(run_dir: str | os.PathLike, path: str | os.PathLike | None = None,
-                        title: str | None = None) -> Path:
-    """Saves the learning curve (population mean/max return and greedy evaluations vs generation) as PNG."""
+                        title: str | None = None, setup: Setup | None = None) -> Path:
+    """Saves the learning curve as PNG: per-generation fitness (``setup.plot_keys``; RL: population mean / best
+    return) and the evaluations of the unperturbed parameters vs generation, with ``setup.references``."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -401,16 +513,24 @@ def plot_learning_curve(run_dir: str | os.PathLike, path: str | os.PathLike | No
     records = read_metrics(run_dir)
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
+    keys = setup.plot_keys if setup is not None else ("return_mean", "return_max")
+    score = setup.score if setup is not None else "eval_return_mean"
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
     if train:
         g = [r["generation"] for r in train]
-        ax.plot(g, [r["return_mean"] for r in train], lw=1, label="population mean return")
-        ax.plot(g, [r["return_max"] for r in train], lw=0.8, alpha=0.6, label="population best return")
+        for j, k in enumerate(keys):
+            if k in train[0]:
+                ax.plot(g, [r[k] for r in train], lw=1 if j == 0 else 0.8, alpha=1 if j == 0 else 0.6,
+                        label=f"population {k.replace('_', ' ')}")
     if evals:
-        ax.plot([r["generation"] for r in evals], [r["eval_return_mean"] for r in evals], "o-", ms=3,
-                label="greedy policy (mean over episodes)")
+        ax.plot([r["generation"] for r in evals], [r.get(score, math.nan) for r in evals], "o-", ms=3,
+                label=f"unperturbed: {score.replace('_', ' ')}")
+    for label, value in (setup.references if setup is not None else ()):
+        ax.axhline(value, ls="--", lw=0.8, c="gray")
+        ax.annotate(label, (0, value), textcoords="offset points", xytext=(2, 2), fontsize=7, color="gray",
+                    xycoords=("axes fraction", "data"))
     ax.set_xlabel("generation")
-    ax.set_ylabel("episode return")
+    ax.set_ylabel(setup.ylabel if setup is not None else "episode return")
     ax.set_title(title or str(run_dir.name))
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
@@ -431,41 +551,61 @@ class Result:
     Attributes:
       state: the final :class:`DriverState`.
       run_dir: the run directory (``None`` when run without one).
-      final_return: mean greedy return over ``final_eval_episodes`` (``nan`` if interrupted).
-      final_returns: ``float[final_eval_episodes]`` returns of the final evaluation.
-      reached_target: the greedy evaluation reached ``target_return``.
+      final: the final evaluation's numbers (``setup.evaluate(state, final=True)``; empty if interrupted).
+      final_score: ``final[setup.score]`` (``nan`` if interrupted).
+      final_returns: RL: ``float[final_eval_episodes]`` returns of the final evaluation (else ``None``).
+      reached_target: an evaluation reached the config's target.
       time_to_target: seconds from the start of :func:`train` (compile included) to that evaluation, else ``None``.
       wall_time: seconds of the whole call.
       interrupted: stopped by Ctrl-C (a checkpoint was written).
+      out_of_time: stopped by the config's ``minutes`` budget (a checkpoint was written; resume continues).
       history: the records written to ``metrics.jsonl`` by this call.
     """
 
     state: DriverState
     run_dir: Path | None
-    final_return: float
+    final: dict
+    final_score: float
     final_returns: np.ndarray | None
     reached_target: bool
     time_to_target: float | None
     wall_time: float
     interrupted: bool
+    out_of_time: bool
     history: list
 
-
-def _chunk_length(config: TrainConfig) -> int:
-    length = config.chunk
-    for every in (config.eval_every, config.checkpoint_every):
-        if every:
-            length = math.gcd(length, every)
-    return length
+    @property
+    def final_return(self) -> float:
+        """RL name of :attr:`final_score` (mean greedy return over ``final_eval_episodes``)."""
+        return self.final_score
 
 
-def train(config: TrainConfig, run_dir: str | os.PathLike | None = None, *, resume: bool = False,
+def _train_records(setup: Setup, m, n: int, now: float) -> list[dict]:
+    name = setup.fitness_name
+    out = []
+    for i in range(n):
+        rec = {"kind": "train", "generation": int(m.generation[i]) + 1,
+               f"{name}_mean": float(m.fitness_mean[i]), f"{name}_max": float(m.fitness_max[i]),
+               f"{name}_min": float(m.fitness_min[i]), f"{name}_std": float(m.fitness_std[i]),
+               "grad_norm": float(m.grad_norm[i]), "sigma": float(m.sigma[i])}
+        if setup.train_extra is not None:
+            rec.update(setup.train_extra(m, i))
+        rec["wall_time"] = now
+        out.append(rec)
+    return out
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool, list)) or v is None}
+
+
+def train(config, run_dir: str | os.PathLike | None = None, *, resume: bool = False,
           progress: bool = True, callback: Callable[[dict], None] | None = None,
           log: Callable[[str], None] | None = None) -> Result:
-    """Trains ``config``; see the module docstring.
+    """Trains ``config`` (any :mod:`esx.configs` class); see the module docstring.
 
     Args:
-      config: the run's :class:`~esx.configs.TrainConfig`.
+      config: the run's config.
       run_dir: where metrics, plots, checkpoints and ``config.json`` go (``None``: nothing is written).
       resume: continue from the newest checkpoint of ``run_dir`` (its config must match up to
         :data:`~esx.configs.RUN_CONTROL_FIELDS`).
@@ -475,7 +615,8 @@ def train(config: TrainConfig, run_dir: str | os.PathLike | None = None, *, resu
 
     Returns:
       :class:`Result`. A ``KeyboardInterrupt`` checkpoints the last completed generation and returns with
-      ``interrupted=True``.
+      ``interrupted=True``; so does running out of ``config.minutes`` (``out_of_time=True``, after the final
+      evaluation).
 
     Raises:
       CheckpointError: see :func:`restore_run`; ConfigError: a bad config; FileExistsError: ``run_dir`` already
@@ -504,7 +645,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike | None = None, *, resu
             run_path.mkdir(parents=True, exist_ok=True)
             info_path.write_text(json.dumps({"run_id": run_id, "created": time.time()}))
             state = init_state(setup)
-        (run_path / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1, sort_keys=True))
+        (run_path / "config.json").write_text(json.dumps(configs_lib.to_dict(config), indent=1, sort_keys=True))
     else:
         if resume:
             raise ValueError("resume=True needs a run_dir")
@@ -520,47 +661,49 @@ def train(config: TrainConfig, run_dir: str | os.PathLike | None = None, *, resu
         if run_path is not None:
             save_checkpoint(run_path, s, config, run_id)
 
+    def evaluation(s: DriverState) -> float:
+        summary, _ = setup.evaluate(s, False)
+        emit({"kind": "eval", "generation": s.generation, **_jsonable(summary),
+              "wall_time": time.perf_counter() - t_start})
+        return summary[setup.score]
+
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.generations, initial=min(state.generation, config.generations), unit="gen",
                    dynamic_ncols=True, desc=config.name)
-    length = _chunk_length(config)
+    length = chunk_capacity(config)
     best = -math.inf
-    reached, time_to_target, interrupted = False, None, False
+    reached, time_to_target, interrupted, out_of_time = False, None, False, False
     last_eval = None
     last_ckpt = state.generation if resume else -1
     try:
+        if state.generation == 0 and setup.eval_at_start:
+            last_eval = evaluation(state)
         while state.generation < config.generations and not reached:
+            if config.minutes and time.perf_counter() - t_start >= 60.0 * config.minutes:
+                out_of_time = True
+                break
             n = min(length, config.generations - state.generation)
             new_state, metrics = setup.run_chunk(state, n)
             m = jax.device_get(metrics)
             state = new_state
-            now = time.perf_counter() - t_start
-            for i in range(n):
-                rec = {"kind": "train", "generation": int(m.generation[i]) + 1,
-                       "return_mean": float(m.fitness_mean[i]), "return_max": float(m.fitness_max[i]),
-                       "return_min": float(m.fitness_min[i]), "return_std": float(m.fitness_std[i]),
-                       "grad_norm": float(m.grad_norm[i]), "sigma": float(m.sigma[i]), "wall_time": now}
-                best = max(best, rec["return_max"])
+            for rec in _train_records(setup, m, n, time.perf_counter() - t_start):
+                best = max(best, rec[f"{setup.fitness_name}_max"])
                 emit(rec)
             gen = state.generation
             if gen % config.eval_every == 0 or gen >= config.generations:
-                r = np.asarray(setup.evaluator(state.es.params, eval_key(state), state.obs_stats))
-                last_eval = float(r.mean())
-                emit({"kind": "eval", "generation": gen, "eval_return_mean": last_eval,
-                      "eval_return_std": float(r.std()), "eval_return_min": float(r.min()),
-                      "wall_time": time.perf_counter() - t_start})
-                if config.target_return is not None and last_eval >= config.target_return:
+                last_eval = evaluation(state)
+                if setup.target is not None and setup.better(last_eval, setup.target):
                     reached, time_to_target = True, time.perf_counter() - t_start
             if config.checkpoint_every and gen % config.checkpoint_every == 0:
                 checkpoint(state)
                 last_ckpt = gen
             if bar is not None:
-                post = {"best": f"{best:.1f}", "mean": f"{float(m.fitness_mean[-1]):.1f}"}
+                post = {"best": f"{best:.4g}", "mean": f"{float(m.fitness_mean[-1]):.4g}"}
                 if last_eval is not None:
-                    post["greedy"] = f"{last_eval:.1f}"
+                    post[setup.score] = f"{last_eval:.4g}"
                 bar.set_postfix(post, refresh=False)
                 bar.update(n)
             if callback is not None:
@@ -577,24 +720,27 @@ def train(config: TrainConfig, run_dir: str | os.PathLike | None = None, *, resu
     finally:
         if bar is not None:
             bar.close()
-    final_returns, final_return = None, math.nan
+    final, final_returns, final_score = {}, None, math.nan
     if not interrupted:
         if last_ckpt != state.generation:
             checkpoint(state)
-        final_returns = np.asarray(setup.final_evaluator(
-            state.es.params, jax.random.fold_in(eval_key(state), 1), state.obs_stats))
-        final_return = float(final_returns.mean())
+        final, final_returns = setup.evaluate(state, True)
+        final_score = float(final[setup.score])
+        if out_of_time:
+            log(f"minutes={config.minutes:g} used up at generation {state.generation}; checkpoint saved, "
+                "continue with resume=True (esx train ... --resume)")
     wall = time.perf_counter() - t_start
     if run_path is not None:
-        summary = {"generation": state.generation, "final_greedy_return_mean": final_return,
-                   "final_eval_episodes": config.final_eval_episodes, "reached_target": reached,
-                   "time_to_target_s": time_to_target, "wall_time_s": wall, "interrupted": interrupted}
+        summary = {"generation": state.generation, "score": setup.score, f"final_{setup.score}": final_score,
+                   "final": _jsonable(final), "reached_target": reached, "time_to_target_s": time_to_target,
+                   "wall_time_s": wall, "interrupted": interrupted, "out_of_time": out_of_time}
+        if config.KIND == "rl":
+            summary.update(final_greedy_return_mean=final_score, final_eval_episodes=config.final_eval_episodes)
         (run_path / "summary.json").write_text(json.dumps(summary, indent=1))
         _write_csv(run_path, read_metrics(run_path))
-        plot_learning_curve(run_path, title=f"{config.name}: {config.env} ({config.strategy}, "
-                                            f"N={config.population_size})")
-    return Result(state, run_path, final_return, final_returns, reached, time_to_target, wall, interrupted,
-                  records)
+        plot_learning_curve(run_path, title=f"{config.name}: {config.summary()}"[:90], setup=setup)
+    return Result(state, run_path, final, final_score, final_returns, reached, time_to_target, wall, interrupted,
+                  out_of_time, records)
 
 
 def load_run(run_dir: str | os.PathLike) -> tuple[Setup, DriverState]:
@@ -603,7 +749,7 @@ def load_run(run_dir: str | os.PathLike) -> tuple[Setup, DriverState]:
     cfg_path = run_dir / "config.json"
     if not cfg_path.exists():
         raise CheckpointError(f"{run_dir} is not a run directory (no config.json)")
-    config = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
+    config = configs_lib.from_dict(json.loads(cfg_path.read_text()))
     setup = make_setup(config)
     run_id = json.loads((run_dir / "run.json").read_text())["run_id"] if (run_dir / "run.json").exists() else None
     state, _ = restore_run(run_dir, setup, run_id)
@@ -611,12 +757,23 @@ def load_run(run_dir: str | os.PathLike) -> tuple[Setup, DriverState]:
 
 
 def evaluate_run(run_dir: str | os.PathLike, *, episodes: int = 100, seed: int = 12345) -> np.ndarray:
-    """Greedy returns ``float[episodes]`` of the newest checkpoint of ``run_dir``."""
+    """RL: greedy returns ``float[episodes]`` of the newest checkpoint of ``run_dir`` (other kinds:
+    :func:`evaluate_run_summary`)."""
     setup, state = load_run(run_dir)
-    evaluator = _evaluator(_core_config(setup.config), episodes)
-    return np.asarray(evaluator(state.es.params, jax.random.key(seed), state.obs_stats))
+    if setup.config.KIND != "rl":
+        raise ConfigError(f"{run_dir} is a {setup.config.KIND!r} run; use evaluate_run_summary")
+    evaluator = _evaluator(core_config(setup.config), episodes)
+    return np.asarray(evaluator(state.es.params, jax.random.key(seed), state.carry))
 
 
-__all__ = ["CheckpointError", "ConfigError", "DriverState", "Result", "Setup", "evaluate_run", "init_state",
-           "list_checkpoints", "load_checkpoint", "load_run", "make_setup", "plot_learning_curve", "read_metrics",
-           "restore_run", "save_checkpoint", "train"]
+def evaluate_run_summary(run_dir: str | os.PathLike) -> tuple[Setup, DriverState, dict]:
+    """The final evaluation (``setup.evaluate(state, final=True)``) of the newest checkpoint of any run."""
+    setup, state = load_run(run_dir)
+    summary, _ = setup.evaluate(state, True)
+    return setup, state, summary
+
+
+__all__ = ["BUILDERS", "CheckpointError", "ConfigError", "DriverState", "Result", "Setup", "chunk_capacity",
+           "core_config", "evaluate_run", "evaluate_run_summary", "host_chunk", "init_state", "list_checkpoints",
+           "load_checkpoint", "load_run", "make_setup", "plot_learning_curve", "read_metrics", "restore_run",
+           "save_checkpoint", "train"]

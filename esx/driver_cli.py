@@ -5,7 +5,9 @@
     esx train cartpole                                  # the README's main command
     esx train pendulum population_size=1024 sigma=0.1   # overrides are field=value
     esx train cartpole --run-dir runs/cp --resume       # continue an interrupted run exactly
-    esx eval runs/cp                                    # greedy return over 100 episodes
+    esx train egg-shakespeare minutes=60                # the integer byte LM (esx_envs.egg)
+    esx train llm-arithmetic                            # SmolLM2 on 2-digit addition (esx_envs.llm)
+    esx eval runs/cp                                    # RL: greedy return over 100 episodes; else the final evaluation
 
 Errors in the input (unknown config, environment or field, an unusable checkpoint) end with a one-line message and
 exit status 2, never a traceback.
@@ -13,6 +15,7 @@ exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -28,7 +31,7 @@ def _train_parser():
 
     p = argparse.ArgumentParser(
         prog="esx train",
-        description="Train a named RL config with EGGROLL. Override any field with field=value.",
+        description="Train a named config (RL, EGG or LLM) with EGGROLL. Override any field with field=value.",
         epilog=configs.describe() + "\n\nexample: esx train cartpole population_size=512 seed=3",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -72,33 +75,50 @@ def train_main(argv: list[str] | None = None) -> int:
         driver.make_setup(config)
     except (configs.ConfigError, ValueError) as e:
         return _error(prog, str(e))
-    print(f"esx train {config.name}: {config.env}, {config.strategy} N={config.population_size} r={config.rank} "
-          f"σ={config.sigma} {config.optimizer} lr={config.learning_rate}, MLP {config.depth}x{config.width}; "
-          f"run dir {run_dir}", flush=True)
+    print(f"esx train {config.name}: {config.summary()}; run dir {run_dir}", flush=True)
     try:
         result = driver.train(config, run_dir, resume=args.resume, progress=not args.no_progress)
     except (driver.CheckpointError, FileExistsError) as e:
         return _error(prog, str(e))
+    again = (f"esx train {args.config} {' '.join(args.overrides)} --run-dir {run_dir} --resume").replace("  ", " ")
     if result.interrupted:
-        print(f"stopped at generation {result.state.generation}; continue with: esx train {args.config} "
-              f"{' '.join(args.overrides)} --run-dir {run_dir} --resume".replace("  ", " "))
+        print(f"stopped at generation {result.state.generation}; continue with: {again}")
         return 130
     r = result.final_returns
-    print(f"generation {result.state.generation}: greedy return over {len(r)} episodes "
-          f"{r.mean():.1f} ± {r.std():.1f} (min {r.min():.0f}, max {r.max():.0f})")
-    if config.target_return is not None:
+    if r is not None:
+        print(f"generation {result.state.generation}: greedy return over {len(r)} episodes "
+              f"{r.mean():.1f} ± {r.std():.1f} (min {r.min():.0f}, max {r.max():.0f})")
+    else:
+        print(f"generation {result.state.generation}: " + _format_summary(result.final))
+    if result.out_of_time:
+        print(f"minutes={config.minutes:g} used up; continue with: {again}")
+    setup = driver.make_setup(config)
+    if setup.target is not None:
         if result.reached_target:
-            print(f"target {config.target_return:g} reached after {result.time_to_target:.1f} s")
+            print(f"target {setup.score} {setup.target:g} reached after {result.time_to_target:.1f} s")
         else:
-            print(f"target {config.target_return:g} not reached")
+            print(f"target {setup.score} {setup.target:g} not reached")
     print(f"wall time {result.wall_time:.1f} s; metrics, learning_curve.png and checkpoints in {run_dir}")
     return 0
 
 
+def _format_summary(summary: dict) -> str:
+    parts = []
+    for k, v in summary.items():
+        if isinstance(v, float):
+            parts.append(f"{k} {v:.4g}")
+        elif isinstance(v, (int, str)):
+            parts.append(f"{k} {v!r}" if isinstance(v, str) else f"{k} {v}")
+        elif isinstance(v, list) and v:
+            parts.append(f"{k}[0] {v[0]!r}")
+    return ", ".join(parts)
+
+
 def eval_main(argv: list[str] | None = None) -> int:
-    """``esx eval <run_dir> [--episodes 100] [--seed 12345]``: greedy return of the newest checkpoint."""
+    """``esx eval <run_dir> [--episodes 100] [--seed 12345]``: the final evaluation of the newest checkpoint
+    (RL: greedy return over ``--episodes`` episodes; EGG: validation bits/byte; LLM: validation accuracy)."""
     prog = "esx eval"
-    p = argparse.ArgumentParser(prog=prog, description="Greedy return of a run's newest checkpoint.")
+    p = argparse.ArgumentParser(prog=prog, description="Evaluate a run's newest checkpoint (RL: greedy return).")
     p.add_argument("run_dir")
     p.add_argument("--episodes", type=int, default=100)
     p.add_argument("--seed", type=int, default=12345)
@@ -108,6 +128,14 @@ def eval_main(argv: list[str] | None = None) -> int:
     if not Path(args.run_dir).is_dir():
         return _error(prog, f"{args.run_dir} is not a directory")
     try:
+        kind = configs.from_dict(json.loads((Path(args.run_dir) / "config.json").read_text())).KIND
+    except (OSError, ValueError) as e:
+        return _error(prog, f"{args.run_dir} is not a run directory ({e})")
+    try:
+        if kind != "rl":
+            setup, state, summary = driver.evaluate_run_summary(args.run_dir)
+            print(f"{args.run_dir} (generation {state.generation}): {_format_summary(summary)}")
+            return 0
         returns = driver.evaluate_run(args.run_dir, episodes=args.episodes, seed=args.seed)
     except (driver.CheckpointError, configs.ConfigError, ValueError) as e:
         return _error(prog, str(e))

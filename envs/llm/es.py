@@ -166,14 +166,18 @@ class ESTrainer:
     Args:
       cfg: model architecture; ``params``: its parameters; ``tokenizer``: a :class:`tokenizer.Tokenizer`;
       task: a :class:`tasks.Task`; ``config``: :class:`ESConfig`; ``reward_fn``: ``(problem, text) -> float``
-      (default: task score plus ``format_weight`` times the format reward); ``seed``: problems and noise.
+      (default: task score plus ``format_weight`` times the format reward); ``seed``: problems and noise;
+      ``prompt_length``: pad prompts to this many tokens (default: the first batch's longest, rounded up to 16;
+      it grows, with a recompile, if a later prompt is longer); ``init_state=False``: do not build :attr:`state`
+      (the caller keeps its own, e.g. the driver).
     """
 
     def __init__(self, *, cfg: model_lib.LlamaConfig, params: Any, tokenizer, task, config: ESConfig,
-                 reward_fn: RewardFn | None = None, seed: int = 0):
+                 reward_fn: RewardFn | None = None, seed: int = 0, prompt_length: int | None = None,
+                 init_state: bool = True):
         self.cfg, self.tokenizer, self.task, self.config = cfg, tokenizer, task, config
         self.reward_fn = reward_fn or default_reward(task, format_weight=config.format_weight)
-        self.rng = random.Random(seed)
+        self.seed = int(seed)
         self.options = model_lib.GenerateOptions(
             max_new_tokens=config.max_new_tokens, stop_ids=tuple(tokenizer.stop_ids),
             stop_sequences=tokenizer.stop_sequences([tasks_lib.ANSWER_STOP]), pad_id=tokenizer.pad_id)
@@ -182,7 +186,7 @@ class ESTrainer:
             population_size=config.population_size, sigma=config.sigma, optimizer=opt, rank=config.rank,
             group_size=config.group_size, shaping="group_z_score",
             labels=model_lib.labels(cfg, freeze_embeddings=config.freeze_embeddings))
-        self.state = self.strategy.init(jax.random.key(seed), params)
+        self.state = self.strategy.init(jax.random.key(seed), params) if init_state else None
         self.n_groups = config.population_size // config.group_size
         fitness = make_rollout_fitness(cfg, self.options, temperature=config.temperature)
         strategy = self.strategy
@@ -194,8 +198,7 @@ class ESTrainer:
 
         self._rollout = jax.jit(rollout)
         self._tell = jax.jit(strategy.tell)
-        self._problems: list | None = None
-        self._prompt_length: int | None = None
+        self._prompt_length: int | None = prompt_length
         self.generation = 0
 
     def _encode(self, problems):
@@ -209,19 +212,25 @@ class ESTrainer:
     def params(self):
         return self.state.params
 
-    def step(self) -> dict:
-        """One generation. Returns metrics: ``reward`` (mean), ``score`` (mean task score), ``format``,
-        ``fitness_std``, ``grad_norm``, ``seconds``, ``tokens`` (generated this generation)."""
+    def problems_for(self, generation: int) -> list:
+        """The ``n_groups · prompts_per_member`` problems of ``generation`` (a pure function of the seed and
+        ``generation // generations_per_prompt``)."""
+        block = int(generation) // self.config.generations_per_prompt
+        rng = random.Random(self.seed * 1_000_003 + block)
+        return self.task.sample(rng, self.n_groups * self.config.prompts_per_member)
+
+    def run_generation(self, state: esx.State, generation: int) -> tuple[esx.State, dict]:
+        """One generation from ``state`` (pure in ``state`` and ``generation``: problems and noise keys derive from
+        the seed and ``generation``). Returns the new state and metrics: ``rewards`` ``float32[N]`` (each member's
+        fitness), ``reward`` (mean), ``score`` (mean task score), ``format``, ``fitness_std``, ``grad_norm``,
+        ``sigma``, ``seconds``, ``tokens`` (generated this generation), ``sample`` (member 0's first text)."""
         c = self.config
         t0 = time.perf_counter()
-        if self._problems is None or self.generation % c.generations_per_prompt == 0:
-            self._problems = self.task.sample(self.rng, self.n_groups * c.prompts_per_member)
-        problems = self._problems
+        problems = self.problems_for(generation)
         ids, mask = self._encode(problems)
         shape = (self.n_groups, c.prompts_per_member, ids.shape[1])
-        key = jax.random.fold_in(jax.random.key(self.rng.randrange(2**31)), self.generation)
-        out, lengths = self._rollout(self.state, jnp.asarray(ids.reshape(shape)),
-                                     jnp.asarray(mask.reshape(shape)), key)
+        key = jax.random.fold_in(jax.random.key(self.seed), generation)
+        out, lengths = self._rollout(state, jnp.asarray(ids.reshape(shape)), jnp.asarray(mask.reshape(shape)), key)
         out, lengths = np.asarray(out), np.asarray(lengths)  # [N, B, T], [N, B]
         texts = decode_completions(self.tokenizer, out, lengths)
         N, B = c.population_size, c.prompts_per_member
@@ -236,17 +245,25 @@ class ESTrainer:
                 scores[m, b] = self.task.score(p, t)
                 fmts[m, b] = tasks_lib.format_reward(t)
         fitness = rewards.mean(axis=1)
-        self.state, metrics = self._tell(self.state, jnp.asarray(fitness))
-        self.generation += 1
-        return {"generation": self.generation, "reward": float(fitness.mean()), "score": float(scores.mean()),
-                "format": float(fmts.mean()), "fitness_std": float(metrics.fitness_std),
-                "grad_norm": float(metrics.grad_norm), "tokens": int(lengths.sum()),
-                "seconds": time.perf_counter() - t0, "sample": texts[0]}
+        state, metrics = self._tell(state, jnp.asarray(fitness))
+        return state, {"rewards": fitness, "reward": float(fitness.mean()), "score": float(scores.mean()),
+                       "format": float(fmts.mean()), "fitness_std": float(metrics.fitness_std),
+                       "grad_norm": float(metrics.grad_norm), "sigma": float(metrics.sigma),
+                       "tokens": int(lengths.sum()), "seconds": time.perf_counter() - t0, "sample": texts[0]}
 
-    def validate(self, problems: Sequence[tasks_lib.Problem], *, batch_size: int = 16) -> dict:
-        """Greedy accuracy of the current unperturbed parameters (:func:`evaluate_model`)."""
+    def step(self) -> dict:
+        """One generation on :attr:`state`. Returns :meth:`run_generation`'s metrics (without ``rewards``) and the
+        new ``generation`` count."""
+        self.state, m = self.run_generation(self.state, self.generation)
+        self.generation += 1
+        m.pop("rewards")
+        return {"generation": self.generation, **m}
+
+    def validate(self, problems: Sequence[tasks_lib.Problem], *, batch_size: int = 16, params: Any = None) -> dict:
+        """Greedy accuracy of ``params`` (default: the current unperturbed parameters) (:func:`evaluate_model`)."""
         options = dataclasses.replace(self.options)
-        return evaluate_model(self.state.params, cfg=self.cfg, tokenizer=self.tokenizer, task=self.task,
+        params = self.state.params if params is None else params
+        return evaluate_model(params, cfg=self.cfg, tokenizer=self.tokenizer, task=self.task,
                               problems=problems, options=options, batch_size=batch_size, chat=self.config.chat)
 
 

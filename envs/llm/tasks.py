@@ -332,6 +332,25 @@ class FormatTask:
         return format_reward(completion)
 
 
+@dataclasses.dataclass(frozen=True)
+class DigitsTask:
+    """A dense sanity reward: the fraction of the completion's non-space characters that are ASCII digits (questions
+    from another task). Unlike the format reward it is graded from the first generation on, even for a random model,
+    so it shows within minutes whether the whole ES loop (generation, verification, update) works."""
+
+    base: Any = Arithmetic()
+    name: str = "digits"
+
+    def sample(self, rng: random.Random, n: int) -> list[Problem]:
+        return self.base.sample(rng, n)
+
+    def score(self, problem: Problem, completion: str) -> float:
+        if not isinstance(completion, str):
+            return 0.0
+        chars = [c for c in completion[:8192].replace(ANSWER_STOP, "") if not c.isspace()]
+        return sum("0" <= c <= "9" for c in chars) / len(chars) if chars else 0.0
+
+
 def gsm8k_final_answer(solution: str) -> Fraction | None:
     """The reference number of a GSM8K solution (the text after ``####``)."""
     if "####" not in solution:
@@ -384,18 +403,19 @@ class GSM8K:
 
 
 def get_task(name: str, **options) -> Task:
-    """``"countdown"``, ``"arithmetic"``, ``"format"`` or ``"gsm8k"`` (needs ``path=``), with keyword options."""
+    """``"countdown"``, ``"arithmetic"``, ``"format"``, ``"digits"`` or ``"gsm8k"`` (needs ``path=``), with keyword
+    options."""
     if name == "countdown":
         return Countdown(**options)
     if name == "arithmetic":
         return Arithmetic(**options)
-    if name == "format":
+    if name in ("format", "digits"):
         options.pop("strict", None)
-        return FormatTask(Arithmetic(**options))
+        return (FormatTask if name == "format" else DigitsTask)(Arithmetic(**options))
     if name == "gsm8k":
         path = options.pop("path", None)
         if path is None:
             raise ValueError("task 'gsm8k' needs path=<GSM8K jsonl file>")
         strict = options.pop("strict", True)
         return GSM8K(tuple(load_gsm8k(path, **options)), strict=strict)
-    raise ValueError(f"unknown task {name!r}; valid: countdown, arithmetic, format, gsm8k")
+    raise ValueError(f"unknown task {name!r}; valid: countdown, arithmetic, digits, format, gsm8k")
