@@ -174,7 +174,8 @@ class LLMTrainConfig:
       dtype: ``"float32"`` or ``"bfloat16"``.
       task: ``"arithmetic"``, ``"countdown"``, ``"gsm8k"``, or a sanity reward on arithmetic questions:
         ``"format"`` (answer-format compliance) or ``"digits"`` (fraction of digit characters; graded even for a
-        random model).
+        random model), or ``"rg:<name>"``: a reasoning-gym dataset scored by its own verifier (extra
+        ``llm-reasoning-gym``).
       digits, ops: arithmetic / format / digits problems; numbers, max_number: countdown; gsm8k: a GSM8K jsonl path.
       lenient: without an ``<answer>`` section, score the completion's last number.
       format_weight: add this times the format reward to the task score.
@@ -414,10 +415,10 @@ _LLM_TASKS = ("arithmetic", "countdown", "digits", "format", "gsm8k")
 def _validate_llm(config: LLMTrainConfig) -> LLMTrainConfig:
     _check_positive(config, ("generations", "population_size", "group_size", "prompts_per_member", "rank",
                              "generations_per_prompt", "max_new_tokens", "val_size", "eval_every", "chunk"))
-    if config.task not in _LLM_TASKS:
+    if config.task not in _LLM_TASKS and not (config.task.startswith("rg:") and len(config.task) > 3):
         close = difflib.get_close_matches(config.task, _LLM_TASKS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        _bad(f"task={config.task!r}{hint}; valid tasks are {list(_LLM_TASKS)}")
+        _bad(f"task={config.task!r}{hint}; valid tasks are {list(_LLM_TASKS)} or 'rg:<reasoning-gym dataset>'")
     if config.task == "gsm8k" and not config.gsm8k:
         _bad("task='gsm8k' needs gsm8k=<path of a GSM8K jsonl file>")
     if config.population_size % config.group_size or config.group_size % 2:

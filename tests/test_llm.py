@@ -146,6 +146,30 @@ def test_verifier_never_raises(text):
     tasks.parse_number(text)
 
 
+def test_sanity_rewards_by_hand():
+    digits = tasks.DigitsTask()
+    assert digits.score(None, "12 ab") == pytest.approx(0.5) and digits.score(None, " \n") == 0.0
+    assert digits.score(None, "<answer>42</answer>") == pytest.approx(2 / 10)  # the stop string is not counted
+    assert tasks.get_task("digits", digits=1).base.digits == 1
+
+
+def test_reasoning_gym_adapter():
+    pytest.importorskip("reasoning_gym")
+    task = tasks.get_task("rg:basic_arithmetic", strict=False)
+    problems = task.sample(random.Random(0), 4)
+    again = task.sample(random.Random(0), 4)
+    assert [p.question for p in problems] == [p.question for p in again] and len(problems) == 4
+    p = problems[0]
+    assert task.score(p, f"<think>sure</think><answer>{p.answer}</answer>") == 1.0
+    assert task.score(p, "<answer>not a number</answer>") == 0.0
+    assert task.score(p, f"let me see\n{p.answer}") == 1.0   # lenient: the last line
+    assert tasks.get_task("rg:basic_arithmetic").score(p, f"{p.answer}") == 0.0  # strict: no answer section
+    for text in ["<answer>" + "(" * 5000 + "</answer>", "<answer>9" * 300 + "</answer>", "<answer>١٢٣</answer>"]:
+        assert task.score(p, text) in (0.0, 1.0)
+    with pytest.raises(Exception):
+        tasks.get_task("rg:no_such_dataset_xyz").sample(random.Random(0), 1)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The model, its loaders and generation
 # ----------------------------------------------------------------------------------------------------------------

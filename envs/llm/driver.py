@@ -52,6 +52,8 @@ def load_model(name: str, dtype=jnp.float32):
 def make_task(config):
     """The :mod:`~esx_envs.llm.tasks` task of an :class:`esx.configs.LLMTrainConfig` (or any object with its task
     fields)."""
+    if config.task.startswith("rg:"):
+        return tasks.get_task(config.task, strict=not config.lenient)
     options = {"countdown": dict(num_numbers=config.numbers, max_number=config.max_number),
                "gsm8k": dict(path=config.gsm8k or None, strict=not config.lenient)}.get(
         config.task, dict(digits=config.digits, ops=config.ops, strict=not config.lenient))

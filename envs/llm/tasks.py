@@ -351,6 +351,48 @@ class DigitsTask:
         return sum("0" <= c <= "9" for c in chars) / len(chars) if chars else 0.0
 
 
+@dataclasses.dataclass(frozen=True)
+class ReasoningGym:
+    """Problems from a `reasoning-gym <https://github.com/open-thought/reasoning-gym>`_ generator, scored by that
+    dataset's own verifier (optional: ``pip install reasoning-gym``, the ``llm-reasoning-gym`` extra).
+
+    ``dataset`` is a reasoning-gym name (``"basic_arithmetic"``, ``"chain_sum"``, ``"countdown"``, ...) and
+    ``options`` its keyword options as ``(key, value)`` pairs (a tuple, so the task stays hashable). The answer is
+    the ``<answer>`` section (``strict=False``: the completion's last line when there is none); a verifier that
+    raises on a malformed answer scores ``0.0``.
+    """
+
+    dataset: str = "basic_arithmetic"
+    options: tuple = ()
+    strict: bool = True
+    name: str = "reasoning_gym"
+
+    def __post_init__(self):
+        import reasoning_gym  # noqa: F401 - a clear ImportError here rather than at the first sample
+
+    def sample(self, rng: random.Random, n: int) -> list[Problem]:
+        import reasoning_gym
+
+        data = reasoning_gym.create_dataset(self.dataset, size=n, seed=rng.randrange(2**31), **dict(self.options))
+        return [Problem(question=e["question"], answer=e["answer"], meta={"entry": e}) for e in data]
+
+    def score(self, problem: Problem, completion: str) -> float:
+        import reasoning_gym
+
+        answer = extract_answer(completion)
+        if answer is None and not self.strict and isinstance(completion, str):
+            lines = [x.strip() for x in completion[:8192].replace(ANSWER_STOP, "").splitlines() if x.strip()]
+            answer = lines[-1] if lines else None
+        if answer is None:
+            return 0.0
+        entry = problem.meta["entry"]
+        try:
+            fn = reasoning_gym.get_score_answer_fn(entry["metadata"]["source_dataset"])
+            return float(fn(answer=answer, entry=entry))
+        except Exception:  # noqa: BLE001 - third-party verifiers may raise on odd strings; that is a wrong answer
+            return 0.0
+
+
 def gsm8k_final_answer(solution: str) -> Fraction | None:
     """The reference number of a GSM8K solution (the text after ``####``)."""
     if "####" not in solution:
@@ -403,8 +445,11 @@ class GSM8K:
 
 
 def get_task(name: str, **options) -> Task:
-    """``"countdown"``, ``"arithmetic"``, ``"format"``, ``"digits"`` or ``"gsm8k"`` (needs ``path=``), with keyword
-    options."""
+    """``"countdown"``, ``"arithmetic"``, ``"format"``, ``"digits"``, ``"gsm8k"`` (needs ``path=``) or
+    ``"rg:<reasoning-gym dataset>"`` (:class:`ReasoningGym`), with keyword options."""
+    if name.startswith("rg:"):
+        strict = options.pop("strict", True)
+        return ReasoningGym(name[3:], tuple(sorted(options.items())), strict=strict)
     if name == "countdown":
         return Countdown(**options)
     if name == "arithmetic":
@@ -418,4 +463,4 @@ def get_task(name: str, **options) -> Task:
             raise ValueError("task 'gsm8k' needs path=<GSM8K jsonl file>")
         strict = options.pop("strict", True)
         return GSM8K(tuple(load_gsm8k(path, **options)), strict=strict)
-    raise ValueError(f"unknown task {name!r}; valid: countdown, arithmetic, digits, format, gsm8k")
+    raise ValueError(f"unknown task {name!r}; valid: countdown, arithmetic, digits, format, gsm8k, rg:<name>")
