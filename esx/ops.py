@@ -13,6 +13,7 @@ Both are pytrees, so stacked layers can be sliced by ``lax.scan``: ``c`` has the
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 import jax
@@ -88,6 +89,25 @@ def _check_matrix(w, name: str) -> None:
         )
 
 
+def _lowrank_product(x: jax.Array, u: jax.Array, v: jax.Array) -> jax.Array:
+    """``(x u) vᵀ`` for ``x: [..., m]``, ``u: [m, r]``, ``v: [n, r]``.
+
+    A single input row (``x: [m]``, e.g. one observation in an RL policy) with ``r > 1`` is computed one rank
+    column at a time, ``Σ_k (x u_k) v_k``: under ``vmap`` over members (each with its own ``u``, ``v``) the
+    matrix form is a batched product of tiny per-member matrices, which XLA:CPU runs as one small GEMM call per
+    member (3.5x slower rollouts at rank 4 for a 4→32→2 policy); per column it is a batched matrix-vector
+    product plus elementwise work. Rank 1 and inputs with several rows (sequences) keep the matrix form.
+    Equal up to float rounding (the sum over the ``r`` columns is ordered differently).
+    """
+    r = u.shape[-1]
+    if r == 1 or math.prod(x.shape[:-1]) != 1:
+        return (x @ u) @ v.T
+    out = (x @ u[:, 0:1]) * v[:, 0]
+    for k in range(1, r):
+        out = out + (x @ u[:, k:k + 1]) * v[:, k]
+    return out
+
+
 def dense(x: jax.Array, w, *, layout: Layout = "in_out") -> jax.Array:
     """``x @ W`` for ``layout="in_out"`` (Flax's ``kernel``) or ``x @ Wᵀ`` for ``layout="out_in"`` (PyTorch).
 
@@ -106,9 +126,9 @@ def dense(x: jax.Array, w, *, layout: Layout = "in_out") -> jax.Array:
         _check_matrix(w, "dense")
         c = w.coef.astype(x.dtype)
         if layout == "in_out":  # x (W + c A Bᵀ) = x W + c (x A) Bᵀ
-            return x @ w.base + c * ((x @ w.a.astype(x.dtype)) @ w.b.T.astype(x.dtype))
+            return x @ w.base + c * _lowrank_product(x, w.a.astype(x.dtype), w.b.astype(x.dtype))
         # x (W + c A Bᵀ)ᵀ = x Wᵀ + c (x B) Aᵀ
-        return x @ w.base.T + c * ((x @ w.b.astype(x.dtype)) @ w.a.T.astype(x.dtype))
+        return x @ w.base.T + c * _lowrank_product(x, w.b.astype(x.dtype), w.a.astype(x.dtype))
     if isinstance(w, Full):
         _check_matrix(w, "dense")
         w = value(w)
