@@ -1,8 +1,9 @@
 """EGGROLL (esx) vs evosax ``Open_ES`` on a gymnax task, side by side in one process.
 
-Both train the same policy (an MLP ``obs -> width -> actions``, ReLU, no LayerNorm) with the same rollout code,
-population, σ, optimizer and fitness shaping (centered ranks); the only difference is the perturbation: EGGROLL's
-rank-r ``A Bᵀ`` applied inside a shared forward, vs Open_ES's full-rank noise vector per member.
+Both train the same policy (an MLP ``obs -> width (x depth) -> actions``, ReLU, LayerNorm only with
+``--layer-norm``) with the same rollout code, population, σ, optimizer and fitness shaping (centered ranks); the
+only difference is the perturbation: EGGROLL's rank-r ``A Bᵀ`` applied inside a shared forward, vs Open_ES's
+full-rank noise vector per member.
 
 It prints
 1. throughput: generations per second with every episode run for exactly ``--steps`` steps (no early stop), timed
@@ -11,8 +12,11 @@ It prints
    ``--target`` (checked every 5 generations), or the value reached when ``--time-limit`` runs out.
 
     python scripts/compare_evosax_cartpole.py                         # CartPole-v1, N=4096, 200 steps
-    python scripts/compare_evosax_cartpole.py --env Pendulum-v1 --target -200 --time-limit 300 --sigma 0.05 \\
-        --optimizer adam --lr 0.01 --steps 200 --width 64
+    # Pendulum-v1 with the named config `pendulum` (esx/configs.py): N=512, rank 4, σ 0.05, Adam 0.01, 2x64 MLP
+    # with LayerNorm, 2 greedy episodes per member; a fixed 15-minute budget per method (target inf: never stops early)
+    python scripts/compare_evosax_cartpole.py --env Pendulum-v1 --population 512 --rank 4 --sigma 0.05 \\
+        --optimizer adam --lr 0.01 --width 64 --depth 2 --layer-norm --episodes 2 --mode greedy \\
+        --target inf --time-limit 900 --log-every 60
 """
 from __future__ import annotations
 
@@ -31,6 +35,9 @@ def main(argv=None) -> None:
     p.add_argument("--population", type=int, default=4096)
     p.add_argument("--steps", type=int, default=200, help="episode step limit")
     p.add_argument("--width", type=int, default=32)
+    p.add_argument("--depth", type=int, default=1, help="hidden layers")
+    p.add_argument("--layer-norm", action="store_true", help="LayerNorm before each ReLU (the named configs' MLP)")
+    p.add_argument("--episodes", type=int, default=1, help="episodes per member per generation, averaged")
     p.add_argument("--rank", type=int, default=1)
     p.add_argument("--sigma", type=float, default=0.2)
     p.add_argument("--lr", type=float, default=0.1)
@@ -39,6 +46,10 @@ def main(argv=None) -> None:
     p.add_argument("--throughput-gens", type=int, default=6, help="timed generations per method")
     p.add_argument("--target", type=float, default=475.0)
     p.add_argument("--time-limit", type=float, default=240.0, help="seconds per method for the learning race")
+    p.add_argument("--log-every", type=float, default=0.0,
+                   help="print the race's progress (time, generation, greedy return) every this many seconds")
+    p.add_argument("--final-episodes", type=int, default=128,
+                   help="greedy episodes (same seeds for both) that score each method's final policy")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -49,22 +60,24 @@ def main(argv=None) -> None:
 
     adapter = rl.make_adapter(args.env, max_steps=args.steps)
     race_adapter = rl.make_adapter(args.env)  # the environment's own step limit (500 for CartPole-v1)
-    policy = rl.Policy.for_adapter(adapter, width=args.width, depth=1, layer_norm=False)
+    policy = rl.Policy.for_adapter(adapter, width=args.width, depth=args.depth, layer_norm=args.layer_norm)
     params0 = policy.init(jax.random.key(args.seed))
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(params0))
     stats = rl.ObsStats.create(adapter.observation_shape)
     opt = optax.sgd(args.lr) if args.optimizer == "sgd" else optax.adam(args.lr)
     evaluate_greedy = rl.make_evaluator(race_adapter, policy, episodes=32)
-    print(f"{args.env}: MLP {policy.obs_size}->{args.width}->{policy.action_dim} ({n_params} parameters), "
-          f"N={args.population}, {args.steps} steps, σ={args.sigma}, {args.optimizer} lr={args.lr}, "
-          f"EGGROLL rank {args.rank}; devices {jax.devices()}")
+    evaluate_final = rl.make_evaluator(race_adapter, policy, episodes=args.final_episodes)
+    sizes = "->".join(str(d) for d in [policy.obs_size] + [args.width] * args.depth + [policy.action_dim])
+    print(f"{args.env}: MLP {sizes}{' with LayerNorm' if args.layer_norm else ''} ({n_params} parameters), "
+          f"N={args.population}, {args.steps} steps, {args.episodes} episode(s) per member, {args.mode} actions, "
+          f"σ={args.sigma}, {args.optimizer} lr={args.lr}, EGGROLL rank {args.rank}; devices {jax.devices()}")
 
     # --- EGGROLL -------------------------------------------------------------------------------------------------
     strategy = esx.eggroll(population_size=args.population, rank=args.rank, sigma=args.sigma, optimizer=opt)
 
     def make_egg_gen(stop_early):
         fitness = rl.make_fitness(race_adapter if stop_early else adapter, policy, mode=args.mode,
-                                  stop_early=stop_early)
+                                  episodes=args.episodes, stop_early=stop_early)
 
         @jax.jit
         def gen(state):
@@ -81,7 +94,7 @@ def main(argv=None) -> None:
 
     def make_evo_gen(stop_early):
         fitness = rl.make_fitness(race_adapter if stop_early else adapter, policy, mode=args.mode,
-                                  stop_early=stop_early)
+                                  episodes=args.episodes, stop_early=stop_early)
 
         @jax.jit
         def gen(carry):
@@ -113,6 +126,10 @@ def main(argv=None) -> None:
     t = time.perf_counter()
     evo_state = jax.block_until_ready(evo_gen(evo_init()))
     evo_compile = time.perf_counter() - t
+    # one more untimed call each: a state whose leaves change type after the first step (evosax's counters start as
+    # Python numbers) recompiles once on the second call, which is not throughput
+    egg_state = jax.block_until_ready(egg_gen(egg_state)[0])
+    evo_state = jax.block_until_ready(evo_gen(evo_state))
     egg_times, evo_times = [], []
     for _ in range(args.throughput_gens):
         t = time.perf_counter()
@@ -131,20 +148,28 @@ def main(argv=None) -> None:
     def race(name, init, gen, params_of, gen_of):
         t0 = time.perf_counter()
         state = init()
-        g, value = 0, -np.inf
+        g, value, best, next_log = 0, -np.inf, -np.inf, args.log_every
         while True:
             for _ in range(5):
                 state = gen(state)
                 state = state[0] if name == "esx EGGROLL" else state
             g += 5
             value = float(evaluate_greedy(params_of(state), jax.random.key(g), stats).mean())
+            best = max(best, value)
             elapsed = time.perf_counter() - t0
+            if args.log_every > 0 and elapsed >= next_log:
+                print(f"    {name:<16} {elapsed:7.1f} s  generation {g:5d}  greedy return {value:8.1f}  "
+                      f"(best so far {best:.1f})", flush=True)
+                next_log += args.log_every * (1 + (elapsed - next_log) // args.log_every)
             if value >= args.target or elapsed > args.time_limit:
                 break
         reached = value >= args.target
         what = f"reached {value:.1f} >= {args.target:g}" if reached else f"greedy return {value:.1f} (not reached)"
-        print(f"  {name:<16} {what} after {g} generations, {elapsed:.1f} s (compile included)")
-        return reached, elapsed, value
+        final = np.asarray(evaluate_final(params_of(state), jax.random.key(10**6 + args.seed), stats))
+        print(f"  {name:<16} {what} after {g} generations, {elapsed:.1f} s (compile included); best check "
+              f"{best:.1f}; final policy over {args.final_episodes} episodes: {final.mean():.1f} "
+              f"± {final.std() / np.sqrt(final.size):.1f} (s.e.)", flush=True)
+        return reached, elapsed, value, float(final.mean())
 
     print(f"\nlearning (greedy mean return over 32 episodes, target {args.target:g}, limit {args.time_limit:.0f} s "
           "each, episodes stop at termination):")
@@ -153,7 +178,8 @@ def main(argv=None) -> None:
     if r_egg[0] and r_evo[0]:
         print(f"  wall-clock ratio Open_ES / EGGROLL: {r_evo[1] / r_egg[1]:.2f}x")
     else:
-        print(f"  at the time limit: EGGROLL {r_egg[2]:.1f} vs Open_ES {r_evo[2]:.1f}")
+        print(f"  at the time limit: EGGROLL {r_egg[2]:.1f} vs Open_ES {r_evo[2]:.1f} (last 32-episode check); "
+              f"final policies over {args.final_episodes} episodes: EGGROLL {r_egg[3]:.1f} vs Open_ES {r_evo[3]:.1f}")
 
 
 if __name__ == "__main__":
