@@ -2,11 +2,15 @@
 
     python scripts/egg_compare.py ablation --generations 300            # fixed data per step, equal generations
     python scripts/egg_compare.py twins --seconds 120                   # int EGGROLL / float EGGROLL / backprop
+    python scripts/egg_compare.py throughput --dim 256 --population 1024 # member-bytes/s, int8 vs float twin
 
 Ablation: every member of every population reads the same ``streams × length`` bytes per generation
 (``group_size = population``), so data per step is fixed and only the population changes.
 Twins: the same architecture and data stream layout, each trained for the same wall-clock seconds one after the
 other in this process; validation bits/byte on the same validation subset. Prints Markdown tables.
+Throughput: one generation (population forward over ``length`` bytes per member + update) of integer EGGROLL on the
+int8 model and of float EGGROLL on the float32 twin, same ``N``, ``D`` and bytes, timed alternately (A B A B ...)
+on the default JAX device; prints member-bytes (tokens) per second of each and their ratio.
 """
 from __future__ import annotations
 
@@ -86,9 +90,46 @@ def run_backprop(config, split, *, batch, length, seconds, lr=3e-3, seed=0):
     return params, g
 
 
+def throughput(config, split, *, population, length, repeats=5, seed=0):
+    """``(int8 tokens/s, float tokens/s)`` of whole generations (see the module docstring)."""
+    groups = population // 2
+    data = text_data.Streams(split.train, split.train_starts, num_streams=groups, length=length, seed=seed)
+    tok, res = data.batch(0)
+    tok, res = jnp.asarray(tok)[:, None], jnp.asarray(res)[:, None]
+
+    iparams = egg.init_params(jax.random.key(seed), config)
+    istrat = ie.int_eggroll(population_size=population, group_size=2, labels=egg.labels(iparams))
+    istep = egg.make_generation(istrat, config)
+    ist = [istrat.init(jax.random.key(seed + 1), iparams), egg.initial_hidden(population, 1, config)]
+
+    fparams = float_twin.init_params(jax.random.key(seed), config)
+    fstrat = esx.eggroll(population_size=population, sigma=0.05, optimizer=optax.adam(0.02), group_size=2,
+                         labels=egg.labels(fparams))
+    fstep = float_twin.make_es_generation(fstrat, config)
+    fst = [fstrat.init(jax.random.key(seed + 1), fparams), jnp.zeros((population, 1, config.layers, config.dim))]
+
+    def run_int():
+        ist[0], ist[1], _ = istep(ist[0], ist[1], tok, res)
+        jax.block_until_ready(ist[0].params)
+
+    def run_float():
+        fst[0], fst[1], _ = fstep(fst[0], fst[1], tok, res)
+        jax.block_until_ready(fst[0].params)
+
+    run_int(), run_float()  # compile
+    t_int, t_float = [], []
+    for _ in range(repeats):
+        for fn, out in ((run_int, t_int), (run_float, t_float)):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    tokens = population * length
+    return tokens / float(np.median(t_int)), tokens / float(np.median(t_float))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["ablation", "twins"])
+    ap.add_argument("what", choices=["ablation", "twins", "throughput"])
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--generations", type=int, default=300)
     ap.add_argument("--populations", default="2,16,256")
@@ -102,6 +143,17 @@ def main(argv=None):
     config = egg.EggConfig(dim=args.dim, layers=1)
     split = text_data.load_split()
     val = dict(streams=16, length=1024)
+    if args.what == "throughput":
+        ti, tf = throughput(config, split, population=args.population, length=args.length)
+        dev = jax.devices()[0]
+        print(f"device {dev.platform}:{getattr(dev, 'device_kind', '')}; D={args.dim}, 1 layer, N={args.population}, "
+              f"{args.length} bytes per member; median of 5 alternating generations")
+        print("| model / trainer | member-bytes / s |")
+        print("|---|---|")
+        print(f"| int8 EGG, integer EGGROLL | {ti:,.0f} |")
+        print(f"| float32 twin, float EGGROLL (rank 1) | {tf:,.0f} |")
+        print(f"int8 / float ratio: {ti / tf:.2f}")
+        return
     if args.what == "ablation":
         print(f"| population | generations | bytes/step (shared) | valid bits/byte | seconds |")
         print("|---|---|---|---|---|")
