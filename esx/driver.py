@@ -33,6 +33,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -595,6 +597,19 @@ def _train_records(setup: Setup, m, n: int, now: float) -> list[dict]:
     return out
 
 
+def _stop_on_sigterm():
+    """While training, SIGTERM (a scheduler's preemption, ``kill``) stops the run like Ctrl-C: the last completed
+    generation is checkpointed. Returns the previous handler (``None`` outside the main thread, where signals
+    cannot be handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
 def _jsonable(d: dict) -> dict:
     return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool, list)) or v is None}
 
@@ -615,7 +630,8 @@ def train(config, run_dir: str | os.PathLike | None = None, *, resume: bool = Fa
 
     Returns:
       :class:`Result`. A ``KeyboardInterrupt`` checkpoints the last completed generation and returns with
-      ``interrupted=True``; so does running out of ``config.minutes`` (``out_of_time=True``, after the final
+      ``interrupted=True`` (SIGTERM, e.g. a scheduler's preemption, does the same); so does running out of
+      ``config.minutes`` (``out_of_time=True``, after the final
       evaluation).
 
     Raises:
@@ -678,6 +694,7 @@ def train(config, run_dir: str | os.PathLike | None = None, *, resume: bool = Fa
     reached, time_to_target, interrupted, out_of_time = False, None, False, False
     last_eval = None
     last_ckpt = state.generation if resume else -1
+    previous_handler = _stop_on_sigterm()
     try:
         if state.generation == 0 and setup.eval_at_start:
             last_eval = evaluation(state)
@@ -718,6 +735,8 @@ def train(config, run_dir: str | os.PathLike | None = None, *, resume: bool = Fa
             log(f"interrupted: checkpoint of generation {state.generation} saved in {run_path / _CKPT_DIR}; "
                 "continue with resume=True (esx train ... --resume)")
     finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
         if bar is not None:
             bar.close()
     final, final_returns, final_score = {}, None, math.nan

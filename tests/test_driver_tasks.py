@@ -129,3 +129,22 @@ def test_task_config_errors():
         configs.apply_overrides(EGG, ["length=20001"])
     assert configs.from_dict(configs.to_dict(LLM)) == LLM
     assert configs.from_dict(dataclasses.asdict(configs.get_config("cartpole"))).KIND == "rl"  # pre-kind files
+
+
+def test_sigterm_checkpoints_like_ctrl_c(tmp_path):
+    """A preempted job (SIGTERM) saves its last completed generation, restores the previous handler, resumes."""
+    import os
+    import signal
+
+    def term_at_3(record):
+        if record["generation"] >= 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    part = driver.train(EGG, tmp_path / "run", progress=False, callback=term_at_3, log=lambda s: None)
+    assert part.interrupted and part.state.generation == 4  # chunk=2: the chunk in flight completes
+    assert driver.list_checkpoints(tmp_path / "run")[-1].name == "gen_00000004"
+    assert signal.getsignal(signal.SIGTERM) == before
+    resumed = driver.train(EGG, tmp_path / "run", resume=True, progress=False, log=lambda s: None)
+    full = driver.train(EGG, tmp_path / "full", progress=False)
+    _same_state(resumed.state, full.state)
