@@ -272,7 +272,9 @@ CONFIGS: dict[str, TrainConfig] = {
         sigma=0.1, optimizer="adam", learning_rate=0.01, width=64, depth=2, episodes=1, action_mode="stochastic",
         eval_every=10, eval_episodes=16, final_eval_episodes=100, chunk=5, checkpoint_every=50,
     ),
-    "egg-shakespeare": EggTrainConfig(name="egg-shakespeare"),
+    # alpha_decay: 0.0005 keeps α_t large enough for runs of tens of thousands of generations (measured in
+    # docs/egg.md: 4.09 bits/byte at 9.7 minutes vs 4.46 at 9 minutes with 0.003).
+    "egg-shakespeare": EggTrainConfig(name="egg-shakespeare", alpha_decay=0.0005),
     "llm-arithmetic": LLMTrainConfig(name="llm-arithmetic"),
     "llm-tiny-digits": LLMTrainConfig(
         name="llm-tiny-digits", model="tiny", task="digits", digits=1, generations=30, population_size=32,
