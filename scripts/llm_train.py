@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-size", type=int, default=32)
     p.add_argument("--val-every", type=int, default=0, help="validate every k generations (0: only before/after)")
     p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--system-prompt", default="default",
+                   help="the prompt's system turn: 'default' (the <think>/<answer> instructions), 'none', or a text")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log", default=None, help="JSONL log file")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -81,14 +83,14 @@ def main(argv=None) -> dict:
             sigma=args.sigma, rank=args.rank, learning_rate=args.lr if args.lr is not None else 2e-4,
             optimizer=args.optimizer, generations_per_prompt=args.generations_per_prompt,
             max_new_tokens=args.max_new_tokens, temperature=args.temperature or 0.0,
-            format_weight=args.format_weight)
+            format_weight=args.format_weight, system=llm_driver.system_prompt(args))
         trainer = es.ESTrainer(cfg=cfg, params=params, tokenizer=tok, task=task, config=config, seed=args.seed)
     else:
         config = grpo.GRPOConfig(
             prompts_per_step=args.prompts_per_step, group_size=args.samples_per_prompt,
             learning_rate=args.lr if args.lr is not None else 1e-5, clip_eps=args.clip_eps,
             inner_steps=args.inner_steps, temperature=args.temperature or 1.0, max_new_tokens=args.max_new_tokens,
-            format_weight=args.format_weight)
+            format_weight=args.format_weight, system=llm_driver.system_prompt(args))
         trainer = grpo.GRPOTrainer(cfg=cfg, params=params, tokenizer=tok, task=task, config=config, seed=args.seed)
     log = open(args.log, "w") if args.log else None
 

@@ -114,6 +114,28 @@ def test_prompt_template():
     assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n<think>")
     assert "What is 2 + 2?" in text
     assert tasks.make_prompt("Q", chat=False).endswith("User: Q\nAssistant: <think>")
+    # No system turn: the prompt is the user turn and the pre-filled assistant turn only.
+    bare = "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n<think>"
+    assert tasks.make_prompt("Q", system=None) == tasks.make_prompt("Q", system="") == bare
+    assert tasks.make_prompt("Q", chat=False, system=None) == "User: Q\nAssistant: <think>"
+    assert tasks.make_prompt("Q", system="Be brief.").startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+
+
+def test_system_prompt_option_reaches_the_prompts():
+    from esx import configs
+    from esx_envs.llm import driver as llm_driver, es
+    from esx_envs.llm.tokenizer import ByteTokenizer
+
+    assert llm_driver.system_prompt(configs.LLMTrainConfig()) == tasks.SYSTEM_PROMPT
+    assert llm_driver.system_prompt(configs.LLMTrainConfig(system_prompt="none")) is None
+    assert llm_driver.system_prompt(configs.LLMTrainConfig(system_prompt="Be brief.")) == "Be brief."
+    tok = ByteTokenizer()
+    probs = tasks.Arithmetic().sample(random.Random(0), 2)
+    ids_sys, _ = es.encode_prompts(tok, probs)
+    ids_bare, mask_bare = es.encode_prompts(tok, probs, system=None)
+    assert ids_bare.shape[1] < ids_sys.shape[1]
+    np.testing.assert_array_equal(ids_bare[0][mask_bare[0]], tok.encode(tasks.make_prompt(probs[0].question,
+                                                                                        system=None)))
 
 
 hypothesis = pytest.importorskip("hypothesis")

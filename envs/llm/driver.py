@@ -60,6 +60,15 @@ def make_task(config):
     return tasks.get_task(config.task, **options)
 
 
+def system_prompt(config) -> str | None:
+    """The system turn of a config's prompts: ``system_prompt`` ``"default"`` → :data:`tasks.SYSTEM_PROMPT`,
+    ``"none"`` (or empty) → no system turn, anything else → that text."""
+    text = config.system_prompt
+    if text == "default":
+        return tasks.SYSTEM_PROMPT
+    return None if text.lower() in ("none", "") else text
+
+
 def validation_problems(task, seed: int, n: int) -> list:
     """The fixed held-out problems of a run (drawn from a stream the training problems never use)."""
     return task.sample(random.Random(10_000 + seed), n)
@@ -75,9 +84,10 @@ def _parts(core):
         prompts_per_member=core.prompts_per_member, sigma=core.sigma, rank=core.rank,
         learning_rate=core.learning_rate, optimizer=core.optimizer,
         generations_per_prompt=core.generations_per_prompt, max_new_tokens=core.max_new_tokens,
-        temperature=core.temperature, format_weight=core.format_weight, freeze_embeddings=core.freeze_embeddings)
+        temperature=core.temperature, format_weight=core.format_weight, freeze_embeddings=core.freeze_embeddings,
+        system=system_prompt(core))
     probe = task.sample(random.Random(core.seed + 77_777), 256)
-    need = max(len(tok.encode(tasks.make_prompt(p.question))) for p in probe)
+    need = max(len(tok.encode(tasks.make_prompt(p.question, system=es_config.system))) for p in probe)
     trainer = es.ESTrainer(cfg=cfg, params=params, tokenizer=tok, task=task, config=es_config, seed=core.seed,
                            prompt_length=es.round_up(need + 8), init_state=False)
     return cfg, params, tok, task, trainer
@@ -119,4 +129,4 @@ def driver_setup(config) -> Any:
                         ylabel="reward / accuracy")
 
 
-__all__ = ["LLMMetrics", "driver_setup", "load_model", "make_task", "validation_problems"]
+__all__ = ["LLMMetrics", "driver_setup", "load_model", "make_task", "system_prompt", "validation_problems"]

@@ -45,10 +45,11 @@ def round_up(n: int, multiple: int = 16) -> int:
 
 
 def encode_prompts(tokenizer, problems: Sequence[tasks_lib.Problem], *, chat: bool = True,
-                   length: int | None = None, prefill: str = "<think>") -> tuple[np.ndarray, np.ndarray]:
+                   length: int | None = None, prefill: str = "<think>",
+                   system: str | None = tasks_lib.SYSTEM_PROMPT) -> tuple[np.ndarray, np.ndarray]:
     """Prompt ids ``int32[B, P]`` (left-padded) and mask ``bool[B, P]`` for the problems (template of
     :func:`tasks.make_prompt`); ``P`` is ``length`` or the longest prompt rounded up to a multiple of 16."""
-    texts = [tasks_lib.make_prompt(p.question, chat=chat, prefill=prefill) for p in problems]
+    texts = [tasks_lib.make_prompt(p.question, chat=chat, prefill=prefill, system=system) for p in problems]
     if length is None:
         length = round_up(max(len(tokenizer.encode(t)) for t in texts))
     return tokenizer.batch(texts, length=length)
@@ -79,19 +80,20 @@ def default_reward(task, *, format_weight: float = 0.0) -> RewardFn:
 
 def evaluate_model(params: Any, *, cfg: model_lib.LlamaConfig, tokenizer, task,
                    problems: Sequence[tasks_lib.Problem], options: model_lib.GenerateOptions,
-                   batch_size: int = 16, chat: bool = True, prompt_length: int | None = None) -> dict:
+                   batch_size: int = 16, chat: bool = True, prompt_length: int | None = None,
+                   system: str | None = tasks_lib.SYSTEM_PROMPT) -> dict:
     """Greedy accuracy of the (unperturbed) model on ``problems``.
 
     Returns:
       ``{"accuracy": mean task score, "format": mean format reward, "samples": first three completions}``.
     """
     scores, fmts, samples = [], [], []
-    length = prompt_length or encode_prompts(tokenizer, problems, chat=chat)[0].shape[1]
+    length = prompt_length or encode_prompts(tokenizer, problems, chat=chat, system=system)[0].shape[1]
     for start in range(0, len(problems), batch_size):
         chunk = list(problems[start:start + batch_size])
         n_real = len(chunk)
         chunk += [chunk[-1]] * (batch_size - n_real)  # fixed shapes: one compilation
-        ids, mask = encode_prompts(tokenizer, chunk, chat=chat, length=length)
+        ids, mask = encode_prompts(tokenizer, chunk, chat=chat, length=length, system=system)
         out, lens = model_lib.generate_jit(params, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0),
                                            cfg=cfg, options=options)
         texts = decode_completions(tokenizer, np.asarray(out)[:n_real], np.asarray(lens)[:n_real])
@@ -121,6 +123,7 @@ class ESConfig:
       format_weight: weight of the format reward added to the task score.
       freeze_embeddings: do not perturb or update the embedding / output tables.
       chat: use the ChatML prompt template.
+      system: the system turn of the prompt (``None``: none; see :func:`tasks.make_prompt`).
     """
 
     population_size: int = 32
@@ -136,6 +139,7 @@ class ESConfig:
     format_weight: float = 0.0
     freeze_embeddings: bool = False
     chat: bool = True
+    system: str | None = tasks_lib.SYSTEM_PROMPT
 
     def __post_init__(self):
         if self.population_size % self.group_size or self.group_size % 2:
@@ -202,7 +206,8 @@ class ESTrainer:
         self.generation = 0
 
     def _encode(self, problems):
-        texts = [tasks_lib.make_prompt(p.question, chat=self.config.chat) for p in problems]
+        texts = [tasks_lib.make_prompt(p.question, chat=self.config.chat, system=self.config.system)
+                 for p in problems]
         need = max(len(self.tokenizer.encode(t)) for t in texts)
         if self._prompt_length is None or need > self._prompt_length:
             self._prompt_length = round_up(need)  # grows rarely (each growth recompiles)
@@ -264,7 +269,8 @@ class ESTrainer:
         options = dataclasses.replace(self.options)
         params = self.state.params if params is None else params
         return evaluate_model(params, cfg=self.cfg, tokenizer=self.tokenizer, task=self.task,
-                              problems=problems, options=options, batch_size=batch_size, chat=self.config.chat)
+                              problems=problems, options=options, batch_size=batch_size, chat=self.config.chat,
+                              system=self.config.system)
 
 
 def noise_floats_per_member(cfg: model_lib.LlamaConfig, *, rank: int = 1) -> int:

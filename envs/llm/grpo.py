@@ -81,6 +81,7 @@ class GRPOConfig:
       format_weight: weight of the format reward added to the task score.
       max_grad_norm: global gradient clipping.
       chat: ChatML prompt template.
+      system: the system turn of the prompt (``None``: none; see :func:`tasks.make_prompt`).
     """
 
     prompts_per_step: int = 4
@@ -93,6 +94,7 @@ class GRPOConfig:
     format_weight: float = 0.0
     max_grad_norm: float = 1.0
     chat: bool = True
+    system: str | None = tasks_lib.SYSTEM_PROMPT
 
     def __post_init__(self):
         if self.temperature <= 0:
@@ -142,7 +144,7 @@ class GRPOTrainer:
         c = self.config
         t0 = time.perf_counter()
         problems = self.task.sample(self.rng, c.prompts_per_step)
-        texts = [tasks_lib.make_prompt(p.question, chat=c.chat) for p in problems]
+        texts = [tasks_lib.make_prompt(p.question, chat=c.chat, system=c.system) for p in problems]
         need = max(len(self.tokenizer.encode(t)) for t in texts)
         if self._prompt_length is None or need > self._prompt_length:
             self._prompt_length = es_lib.round_up(need)
@@ -182,4 +184,4 @@ class GRPOTrainer:
         """Greedy accuracy of the current parameters (:func:`es.evaluate_model`)."""
         return es_lib.evaluate_model(self.params, cfg=self.cfg, tokenizer=self.tokenizer, task=self.task,
                                      problems=problems, options=self.options, batch_size=batch_size,
-                                     chat=self.config.chat)
+                                     chat=self.config.chat, system=self.config.system)

@@ -152,18 +152,22 @@ _ANSWER_RE = re.compile(r"<answer>(.{0,512}?)</answer>", re.DOTALL)
 _NUMBER_RE = re.compile(r"-?\d[\d,]{0,30}(?:\.\d{1,12})?")
 
 
-def make_prompt(question: str, *, chat: bool = True, system: str = SYSTEM_PROMPT, prefill: str = "<think>") -> str:
+def make_prompt(question: str, *, chat: bool = True, system: str | None = SYSTEM_PROMPT,
+                prefill: str = "<think>") -> str:
     """The prompt text for one question.
 
     With ``chat=True`` it uses the ChatML turns of SmolLM2/Qwen-style instruct models
     (``<|im_start|>system … <|im_end|>``); the assistant turn is pre-filled with ``prefill`` (``"<think>"``) so the
     completion starts inside the reasoning section. With ``chat=False`` it is the paper's plain
-    ``"User: … Assistant: <think>"`` format.
+    ``"User: … Assistant: <think>"`` format. ``system=None`` (or ``""``) leaves the system turn out: half the prompt
+    tokens, and small instruct models then often write the sum out before answering (SmolLM2-135M on 2-digit
+    addition, lenient scoring: 31% greedy accuracy without the system turn, 9% with it, ``docs/llm.md``).
     """
     if chat:
-        return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n"
-                f"<|im_start|>assistant\n{prefill}")
-    return f"{system}\nUser: {question}\nAssistant: {prefill}"
+        head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+        return f"{head}<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n{prefill}"
+    head = f"{system}\n" if system else ""
+    return f"{head}User: {question}\nAssistant: {prefill}"
 
 
 def extract_answer(completion: str) -> str | None:
