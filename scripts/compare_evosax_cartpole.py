@@ -51,6 +51,7 @@ def main(argv=None) -> None:
     p.add_argument("--final-episodes", type=int, default=128,
                    help="greedy episodes (same seeds for both) that score each method's final policy")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--throughput-only", action="store_true", help="measure generations/s only (no learning race)")
     args = p.parse_args(argv)
 
     import evosax.algorithms as ea
@@ -143,6 +144,8 @@ def main(argv=None) -> None:
     print(f"  esx EGGROLL      {egg_gps:7.2f} gen/s   (first call incl. compile {egg_compile:.1f} s)")
     print(f"  evosax Open_ES   {evo_gps:7.2f} gen/s   (first call incl. compile {evo_compile:.1f} s)")
     print(f"  ratio EGGROLL / Open_ES: {egg_gps / evo_gps:.2f}x")
+    if args.throughput_only:
+        return
 
     # 2. learning race ------------------------------------------------------------------------------------------------
     def race(name, init, gen, params_of, gen_of):
