@@ -34,6 +34,7 @@ import math
 import os
 import shutil
 import signal
+import textwrap
 import threading
 import time
 import uuid
@@ -533,7 +534,7 @@ def plot_learning_curve(run_dir: str | os.PathLike, path: str | os.PathLike | No
                     xycoords=("axes fraction", "data"))
     ax.set_xlabel("generation")
     ax.set_ylabel(setup.ylabel if setup is not None else "episode return")
-    ax.set_title(title or str(run_dir.name))
+    ax.set_title(textwrap.fill(title or str(run_dir.name), 72), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
@@ -757,7 +758,7 @@ def train(config, run_dir: str | os.PathLike | None = None, *, resume: bool = Fa
             summary.update(final_greedy_return_mean=final_score, final_eval_episodes=config.final_eval_episodes)
         (run_path / "summary.json").write_text(json.dumps(summary, indent=1))
         _write_csv(run_path, read_metrics(run_path))
-        plot_learning_curve(run_path, title=f"{config.name}: {config.summary()}"[:90], setup=setup)
+        plot_learning_curve(run_path, title=f"{config.name}: {config.summary()}", setup=setup)
     return Result(state, run_path, final, final_score, final_returns, reached, time_to_target, wall, interrupted,
                   out_of_time, records)
 
