@@ -230,7 +230,8 @@ class LLMTrainConfig:
     def summary(self) -> str:
         return (f"{self.model} on {self.task}, EGGROLL N={self.population_size} (groups of {self.group_size}, "
                 f"{self.prompts_per_member} prompts each) r={self.rank} σ={self.sigma} {self.optimizer} "
-                f"lr={self.learning_rate}, {self.max_new_tokens} new tokens")
+                f"lr={self.learning_rate}, {self.max_new_tokens} new tokens"
+                + ("" if self.system_prompt == "default" else f", system prompt {self.system_prompt!r}"))
 
 
 CONFIG_CLASSES: dict[str, type] = {c.KIND: c for c in (TrainConfig, EggTrainConfig, LLMTrainConfig)}
