@@ -239,21 +239,44 @@ class Policy:
             h = jax.nn.relu(h)
         return esx.dense(h, params["out"]["w"]) + esx.value(params["out"]["b"])
 
-    def act(self, params: Any, obs: jax.Array, key: jax.Array, mode: ActionMode = "greedy") -> jax.Array:
-        """An action: ``int32[]`` (discrete; argmax or a sample of the softmax) or ``float[action_dim]`` in the
-        bounds (continuous; ``tanh`` of the output, plus Gaussian noise in ``"stochastic"`` mode, clipped)."""
+    def action_noise(self, key: jax.Array, shape: tuple[int, ...] = ()) -> jax.Array:
+        """The randomness of ``shape`` stochastic actions, drawn in one call: ``float32[*shape]`` uniforms in
+        ``[0, 1)`` (discrete) or ``float32[*shape, action_dim]`` standard normals (continuous).
+
+        :func:`rollout` draws a whole episode's noise before its loop (one vectorised draw instead of a key split
+        and a draw per step, which on CPU cost more than the policy itself) and feeds step ``t`` its slice."""
+        if self.action_kind == "discrete":
+            return jax.random.uniform(key, shape, jnp.float32)
+        return jax.random.normal(key, (*shape, self.action_dim), jnp.float32)
+
+    def act_with_noise(self, params: Any, obs: jax.Array, noise: jax.Array | None,
+                       mode: ActionMode = "greedy") -> jax.Array:
+        """:meth:`act` with its randomness given: ``noise`` is one element of :meth:`action_noise` (ignored, and may
+        be ``None``, when ``mode="greedy"``).
+
+        Discrete stochastic actions are sampled from the softmax by inverse CDF: action ``k`` is taken when
+        ``c_{k-1} <= u c_K < c_k`` with ``c`` the cumulative sums of ``exp(logits - max)``, so an action whose
+        probability underflows to 0 is never taken."""
         out = self(params, obs)
         if self.action_kind == "discrete":
             if mode == "greedy":
                 return jnp.argmax(out).astype(jnp.int32)
-            return jax.random.categorical(key, out).astype(jnp.int32)
+            c = jnp.cumsum(jnp.exp(out - jnp.max(out)))
+            return jnp.sum(c[:-1] <= noise * c[-1]).astype(jnp.int32)
         low = jnp.asarray(self.action_low, jnp.float32)
         high = jnp.asarray(self.action_high, jnp.float32)
         half, mid = (high - low) / 2, (high + low) / 2
         a = jnp.tanh(out)
         if mode == "stochastic":
-            a = a + self.action_std * jax.random.normal(key, a.shape, jnp.float32)
+            a = a + self.action_std * noise
         return jnp.clip(mid + half * a, low, high)
+
+    def act(self, params: Any, obs: jax.Array, key: jax.Array, mode: ActionMode = "greedy") -> jax.Array:
+        """An action: ``int32[]`` (discrete; argmax or a sample of the softmax) or ``float[action_dim]`` in the
+        bounds (continuous; ``tanh`` of the output, plus Gaussian noise of ``action_std`` x half-range in
+        ``"stochastic"`` mode, clipped). Same as ``act_with_noise(params, obs, action_noise(key), mode)``."""
+        noise = self.action_noise(key) if mode == "stochastic" else None
+        return self.act_with_noise(params, obs, noise, mode)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -340,10 +363,13 @@ def rollout(adapter: Adapter, policy: Policy, params: Any, key: jax.Array, stats
     """
     limit = int(adapter.max_steps if max_steps is None else max_steps)
     params = policy.prepare(params)
-    key_reset, key_run = jax.random.split(key)
+    key_reset, key_act, key_env = jax.random.split(key, 3)
     obs0, env0 = adapter.reset(key_reset)
     shift = stats.mean if stats is not None else jnp.zeros(obs0.shape, jnp.float32)
     zeros = jnp.zeros(obs0.shape, jnp.float32)
+    # The whole episode's action noise in one draw (step t reads row t); the environment's own per-step key is
+    # folded in only if the environment uses it (deterministic ones drop it at compile time).
+    noise = policy.action_noise(key_act, (limit,)) if mode == "stochastic" else None
 
     def cond(carry):
         t, _, _, done, *_ = carry
@@ -351,10 +377,9 @@ def rollout(adapter: Adapter, policy: Policy, params: Any, key: jax.Array, stats
 
     def body(carry):
         t, obs, env_state, done, ret, n, s1, s2 = carry
-        k_act, k_step = jax.random.split(jax.random.fold_in(key_run, t))
         x = stats.normalize(obs) if stats is not None else obs
-        action = policy.act(params, x, k_act, mode)
-        obs2, env2, reward, term, trunc = adapter.step(k_step, env_state, action)
+        action = policy.act_with_noise(params, x, None if noise is None else noise[t], mode)
+        obs2, env2, reward, term, trunc = adapter.step(jax.random.fold_in(key_env, t), env_state, action)
         d = obs - shift
         live = (~done).astype(jnp.float32)
         ended = term | trunc | (t + 1 >= limit)
@@ -383,11 +408,18 @@ def make_fitness(adapter: Adapter, policy: Policy, *, episodes: int = 1, mode: A
         raise ValueError(f"episodes={episodes}; must be >= 1")
 
     def fitness(view, key, stats):
-        keys = jax.random.split(key, episodes)
         norm = stats if obs_norm else None
-        ret, _, moments = jax.vmap(
-            lambda k: rollout(adapter, policy, view, k, norm, mode=mode, max_steps=max_steps,
-                              stop_early=stop_early))(keys)
+
+        def one(k):
+            ret, _, moments = rollout(adapter, policy, view, k, norm, mode=mode, max_steps=max_steps,
+                                      stop_early=stop_early)
+            return ret, moments
+
+        if episodes == 1:
+            return one(jax.random.split(key, 1)[0])
+        # Episodes one after another (lax.map), not vmapped: under the population's vmap a second, minor batch
+        # axis of `episodes` made XLA:CPU's per-step code of the rollout about 2x slower (same values either way).
+        ret, moments = lax.map(one, jax.random.split(key, episodes))
         moments = ObsMoments(jnp.sum(moments.count), jnp.sum(moments.sum, 0), jnp.sum(moments.sum_sq, 0))
         return jnp.mean(ret), moments
 

@@ -236,6 +236,20 @@ def test_stochastic_actions_follow_the_softmax_with_many_actions():
     np.testing.assert_allclose(freq, np.asarray(jax.nn.softmax(logits)), atol=0.015)
 
 
+def test_inverse_cdf_actions_at_the_edges_of_the_uniform():
+    """Action k is taken for u in [c_{k-1}, c_k) of the cumulative softmax; zero-probability actions never."""
+    policy = rl.Policy(obs_size=1, action_dim=4, action_kind="discrete", width=4, depth=0)
+    logits = jnp.array([-200.0, 0.0, -200.0, 0.0])  # actions 0 and 2 have probability exp(-200) = 0 in float32
+    params = {"hidden": [], "out": {"w": jnp.zeros((1, 4)), "b": logits}}
+    act = jax.jit(lambda u: policy.act_with_noise(params, jnp.zeros(1), u, "stochastic"))
+    assert [int(act(jnp.float32(u))) for u in (0.0, 0.25, 0.4999, 0.5, 0.75, np.nextafter(1, 0, dtype=np.float32))] \
+        == [1, 1, 1, 3, 3, 3]
+    assert policy.action_noise(jax.random.key(0), (5,)).shape == (5,)
+    cont = rl.Policy(obs_size=1, action_dim=2, action_kind="continuous", width=4, depth=0,
+                     action_low=(-1.0, -1.0), action_high=(1.0, 1.0))
+    assert cont.action_noise(jax.random.key(0), (5,)).shape == (5, 2)
+
+
 def test_continuous_actions_within_bounds():
     adapter = rl.Gymnax("Pendulum-v1")
     assert adapter.action_kind == "continuous" and adapter.action_dim == 1
