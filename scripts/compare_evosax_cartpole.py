@@ -7,7 +7,8 @@ full-rank noise vector per member.
 
 It prints
 1. throughput: generations per second with every episode run for exactly ``--steps`` steps (no early stop), timed
-   alternately (A, B, A, B, ...) so that machine noise hits both alike, and their ratio;
+   alternately (A, B, A, B, ...) so that machine noise hits both alike, and their ratio (``--breakdown`` adds the
+   time of each part: one shared policy's rollouts, each side's evaluation, ask and tell);
 2. learning: wall-clock (compile included) until the greedy policy's mean return over 32 episodes reaches
    ``--target`` (checked every 5 generations), or the value reached when ``--time-limit`` runs out.
 
@@ -52,6 +53,9 @@ def main(argv=None) -> None:
                    help="greedy episodes (same seeds for both) that score each method's final policy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--throughput-only", action="store_true", help="measure generations/s only (no learning race)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time the parts of a generation (shared-policy rollout, each side's evaluation, "
+                        "ask and tell), interleaved, median of --throughput-gens calls each")
     args = p.parse_args(argv)
 
     import evosax.algorithms as ea
@@ -144,6 +148,8 @@ def main(argv=None) -> None:
     print(f"  esx EGGROLL      {egg_gps:7.2f} gen/s   (first call incl. compile {egg_compile:.1f} s)")
     print(f"  evosax Open_ES   {evo_gps:7.2f} gen/s   (first call incl. compile {evo_compile:.1f} s)")
     print(f"  ratio EGGROLL / Open_ES: {egg_gps / evo_gps:.2f}x")
+    if args.breakdown:
+        breakdown(args, strategy, es, es_params, adapter, policy, stats, egg_state, evo_state[0])
     if args.throughput_only:
         return
 
@@ -183,6 +189,40 @@ def main(argv=None) -> None:
     else:
         print(f"  at the time limit: EGGROLL {r_egg[2]:.1f} vs Open_ES {r_evo[2]:.1f} (last 32-episode check); "
               f"final policies over {args.final_episodes} episodes: EGGROLL {r_egg[3]:.1f} vs Open_ES {r_evo[3]:.1f}")
+
+
+def breakdown(args, strategy, es, es_params, adapter, policy, stats, egg_state, evo_state) -> None:
+    """Times the parts of one generation on the throughput setting (fixed-length episodes)."""
+    from esx_envs import rl
+
+    n = args.population
+    fitness = rl.make_fitness(adapter, policy, mode=args.mode, episodes=args.episodes, stop_early=False)
+    zeros = jnp.zeros(n)
+    parts = {
+        "shared policy, N rollouts": (jax.jit(lambda s, k: jax.vmap(lambda kk: fitness(s.params, kk, stats)[0])(
+            jax.random.split(k, n))), egg_state),
+        "esx evaluate": (jax.jit(lambda s, k: strategy.evaluate(s, fitness, k, stats, has_aux=True)[0]), egg_state),
+        "esx tell": (jax.jit(lambda s, k: strategy.tell(s, zeros + jax.random.normal(k, (n,)))[0].params),
+                     egg_state),
+        "evosax ask": (jax.jit(lambda s, k: es.ask(k, s, es_params)[0]), evo_state),
+        "evosax ask + evaluate": (jax.jit(lambda s, k: jax.vmap(lambda p, kk: fitness(p, kk, stats)[0])(
+            es.ask(k, s, es_params)[0], jax.random.split(k, n))), evo_state),
+        "evosax ask + tell": (jax.jit(lambda s, k: es.tell(k, es.ask(k, s, es_params)[0],
+                                                           zeros + jax.random.normal(k, (n,)), s, es_params)[0]),
+                              evo_state),
+    }
+    key = jax.random.key(3)
+    for f, state in parts.values():
+        jax.block_until_ready(f(state, key))
+    times = {name: [] for name in parts}
+    for _ in range(args.throughput_gens):
+        for name, (f, state) in parts.items():
+            t = time.perf_counter()
+            jax.block_until_ready(f(state, key))
+            times[name].append(time.perf_counter() - t)
+    print(f"\nparts of a generation (median of {args.throughput_gens} interleaved calls, ms):")
+    for name, ts in times.items():
+        print(f"  {name:<26} {1e3 * np.median(ts):7.1f}   (min {1e3 * min(ts):.1f})")
 
 
 if __name__ == "__main__":
