@@ -222,10 +222,11 @@ class Policy:
         return {"hidden": hidden, "out": {"w": w_out, "b": jnp.zeros(self.action_dim, jnp.float32)}}
 
     def prepare(self, params: Any) -> Any:
-        """Resolves the member's full-rank leaves (biases, norm parameters) to plain arrays once, before a rollout,
-        so the per-step forward does not redo ``base + σ ε``; low-rank matrices stay factored."""
-        return jax.tree_util.tree_map(lambda x: esx.value(x) if isinstance(x, esx.Full) else x, params,
-                                      is_leaf=lambda x: isinstance(x, (esx.Full, esx.LowRank)))
+        """:func:`esx.prepare` before a rollout: full-rank leaves (biases, norm parameters) become plain arrays, so
+        the per-step forward does not redo ``base + σ ε``, and rank > 1 matrices have their columns split once
+        (:class:`esx.SplitLowRank`) instead of sliced at every step (rank 4, 2x64 policy, 200 steps: evaluation
+        15-20% faster; ``docs/rl.md``)."""
+        return esx.prepare(params)
 
     def __call__(self, params: Any, obs: jax.Array) -> jax.Array:
         """``obs: float[*obs_shape]`` -> ``float[action_dim]`` (logits, or the pre-``tanh`` action mean)."""

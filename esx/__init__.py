@@ -6,7 +6,7 @@ The public API (everything else is internal):
   -> :class:`Strategy` (``init / ask / view / evaluate / tell``),
   the free :func:`step`, the state :class:`State` and :class:`Metrics`;
 * model-side ops: :func:`dense`, :func:`embed`, :func:`value` and the perturbed leaves :class:`LowRank`,
-  :class:`Full`;
+  :class:`Full`; :func:`prepare` resolves a member view once before a loop (leaves :class:`SplitLowRank`);
 * :mod:`esx.shaping` (fitness is higher-is-better), :mod:`esx.labels`, :mod:`esx.noise`.
 
 Only jax, optax and numpy are imported here.
@@ -15,13 +15,13 @@ from esx import int_eggroll, labels, noise, shaping
 from esx.eggroll import eggroll
 from esx.labels import FROZEN, FULL, LOWRANK, make_labels
 from esx.open_es import open_es
-from esx.ops import Full, LowRank, dense, embed, value
+from esx.ops import Full, LowRank, SplitLowRank, dense, embed, prepare, value
 from esx.strategy import Config, Metrics, Population, State, Strategy, paper_learning_rate, step
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Config", "FROZEN", "FULL", "Full", "LOWRANK", "LowRank", "Metrics", "Population", "State",
+    "Config", "FROZEN", "FULL", "Full", "LOWRANK", "LowRank", "Metrics", "Population", "SplitLowRank", "State",
     "Strategy", "dense", "eggroll", "embed", "int_eggroll", "labels", "make_labels", "noise", "open_es",
-    "paper_learning_rate", "shaping", "step", "value",
+    "paper_learning_rate", "prepare", "shaping", "step", "value",
 ]

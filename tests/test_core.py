@@ -65,6 +65,18 @@ def test_forward_identity_against_materialised_noise(source):
                                    rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(esx.embed(ids, view["emb"]), dense["emb"][ids], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(esx.value(view["b"]), dense["b"], rtol=1e-6)
+        # esx.prepare (resolve once before a loop): rank columns split, Full leaves plain, same values.
+        prepared = esx.prepare(view)
+        assert isinstance(prepared["w_in_out"], esx.SplitLowRank) and len(prepared["w_in_out"].a) == 3
+        assert isinstance(prepared["b"], jax.Array)
+        for x, y in ((x5, x3), (x5[0], x3[1])):  # several rows, and the single row of an RL policy
+            np.testing.assert_allclose(esx.dense(x, prepared["w_in_out"]), x @ dense["w_in_out"], rtol=1e-5,
+                                       atol=1e-5)
+            np.testing.assert_allclose(esx.dense(y, prepared["w_out_in"], layout="out_in"),
+                                       y @ dense["w_out_in"].T, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(esx.embed(ids, prepared["emb"]), dense["emb"][ids], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(esx.value(prepared["w_in_out"]), dense["w_in_out"], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(prepared["b"], esx.value(view["b"]))
     # The perturbation is really there (not a silent no-op).
     d0 = materialise(strategy, state, 0)
     assert float(jnp.abs(d0["w_in_out"] - params["w_in_out"]).max()) > 1e-2
@@ -79,6 +91,14 @@ def test_ops_on_plain_arrays_are_ordinary_ops():
     np.testing.assert_array_equal(esx.embed(jnp.array([1, 2]), p["emb"]), p["emb"][jnp.array([1, 2])])
     with pytest.raises(ValueError, match="layout"):
         esx.dense(x, p["w_in_out"], layout="nope")
+
+
+def test_prepare_keeps_rank_one_stacked_and_plain_leaves():
+    stacked = esx.LowRank(jnp.ones((2, 3, 4)), jnp.ones((2, 3, 2)), jnp.ones((2, 4, 2)), jnp.ones(2))
+    rank1 = esx.LowRank(jnp.ones((3, 4)), jnp.ones((3, 1)), jnp.ones((4, 1)), jnp.ones(()))
+    out = esx.prepare({"s": stacked, "r1": rank1, "p": jnp.arange(3.0)})
+    assert out["s"] is stacked and out["r1"] is rank1  # nothing to split, or a leaf that lax.scan slices later
+    np.testing.assert_array_equal(out["p"], jnp.arange(3.0))
 
 
 def test_open_es_forward_is_full_rank_perturbation():
