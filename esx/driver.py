@@ -463,7 +463,8 @@ def restore_run(run_dir: str | os.PathLike, setup: Setup, run_id: str | None) ->
 # Logs and plots
 # ----------------------------------------------------------------------------------------------------------------
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    """All records of ``run_dir/metrics.jsonl`` (``kind``: ``"train"`` per generation, ``"eval"``)."""
+    """All records of ``run_dir/metrics.jsonl`` (``kind``: ``"train"`` per generation, ``"eval"`` for each periodic
+    evaluation, ``"final"`` for the larger end-of-run evaluation, also in ``summary.json``)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
@@ -479,8 +480,9 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
 
 
 def _truncate_logs(run_dir: Path, generation: int) -> None:
-    """Drops records beyond ``generation`` (written after the checkpoint a resume starts from)."""
-    records = [r for r in read_metrics(run_dir) if r["generation"] <= generation]
+    """Drops records beyond ``generation`` (written after the checkpoint a resume starts from), and the previous
+    segment's ``"final"`` evaluation (the run goes on, so it was not the end)."""
+    records = [r for r in read_metrics(run_dir) if r["generation"] <= generation and r["kind"] != "final"]
     with open(run_dir / "metrics.jsonl", "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
@@ -746,6 +748,8 @@ def train(config, run_dir: str | os.PathLike | None = None, *, resume: bool = Fa
             checkpoint(state)
         final, final_returns = setup.evaluate(state, True)
         final_score = float(final[setup.score])
+        emit({"kind": "final", "generation": state.generation, **_jsonable(final),
+              "wall_time": time.perf_counter() - t_start})
         if out_of_time:
             log(f"minutes={config.minutes:g} used up at generation {state.generation}; checkpoint saved, "
                 "continue with resume=True (esx train ... --resume)")

@@ -60,6 +60,7 @@ def test_resume_is_bit_identical(full_run, tmp_path):
     full = [r for r in driver.read_metrics(full_run.run_dir) if r["kind"] == "train"]
     assert [r["generation"] for r in recs] == list(range(1, 9))
     assert [r["return_mean"] for r in recs] == [r["return_mean"] for r in full]
+    assert [r["generation"] for r in driver.read_metrics(run_dir) if r["kind"] == "final"] == [8]
 
 
 def test_chunk_boundaries_do_not_change_results(full_run):
@@ -80,6 +81,9 @@ def test_run_dir_contents(full_run):
         assert (run_dir / name).exists(), name
     recs = driver.read_metrics(run_dir)
     assert [r["generation"] for r in recs if r["kind"] == "eval"] == [4, 8]
+    finals = [r for r in recs if r["kind"] == "final"]  # the end-of-run evaluation is logged too, once
+    assert len(finals) == 1 and finals[0]["generation"] == 8
+    assert finals[0]["eval_return_mean"] == pytest.approx(full_run.final_return)
     csv = (run_dir / "metrics.csv").read_text().splitlines()
     assert csv[0].startswith("generation,return_mean") and len(csv) == 9
     summary = json.loads((run_dir / "summary.json").read_text())
