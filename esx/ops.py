@@ -22,9 +22,25 @@ import jax.numpy as jnp
 Layout = Literal["in_out", "out_in"]
 
 
+class _ArrayLike:
+    """``shape`` / ``dtype`` / ``ndim`` of a perturbed leaf: those of its ``base`` (what model code sees)."""
+
+    @property
+    def shape(self):
+        return self.base.shape
+
+    @property
+    def dtype(self):
+        return self.base.dtype
+
+    @property
+    def ndim(self):
+        return self.base.ndim
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class LowRank:
+class LowRank(_ArrayLike):
     """A low-rank perturbed matrix ``base + coef · a bᵀ``.
 
     Attributes:
@@ -39,22 +55,10 @@ class LowRank:
     b: jax.Array
     coef: jax.Array
 
-    @property
-    def shape(self):
-        return self.base.shape
-
-    @property
-    def dtype(self):
-        return self.base.dtype
-
-    @property
-    def ndim(self):
-        return self.base.ndim
-
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class Full:
+class Full(_ArrayLike):
     """A full-rank perturbed leaf ``base + coef · eps``.
 
     Attributes:
@@ -68,22 +72,10 @@ class Full:
     eps: jax.Array
     coef: jax.Array
 
-    @property
-    def shape(self):
-        return self.base.shape
-
-    @property
-    def dtype(self):
-        return self.base.dtype
-
-    @property
-    def ndim(self):
-        return self.base.ndim
-
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class SplitLowRank:
+class SplitLowRank(_ArrayLike):
     """A :class:`LowRank` matrix with its rank columns held as separate arrays: ``base + c · Σ_k a_k b_kᵀ``.
 
     Made by :func:`prepare` for a member view that is used many times in a loop (an RL rollout's steps, a
@@ -102,18 +94,6 @@ class SplitLowRank:
     a: tuple
     b: tuple
     coef: jax.Array
-
-    @property
-    def shape(self):
-        return self.base.shape
-
-    @property
-    def dtype(self):
-        return self.base.dtype
-
-    @property
-    def ndim(self):
-        return self.base.ndim
 
 
 def _is_leaf(x) -> bool:
