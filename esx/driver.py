@@ -10,8 +10,8 @@ LLM on a verifiable task (:class:`~esx.configs.LLMTrainConfig`):
   seed and ``g`` only, so the chunk size, interruptions and resumes never change the trajectory;
 * an evaluation of the unperturbed parameters every ``eval_every`` generations (RL: greedy return; EGG: validation
   bits/byte; LLM: greedy validation accuracy), a tqdm progress bar (generation, best / mean fitness, the latest
-  evaluation, generations per second, ETA), metrics appended to ``metrics.jsonl`` and ``metrics.csv``, the learning
-  curve ``learning_curve.png``;
+  evaluation, generations per second, ETA), metrics appended to ``metrics.jsonl`` and ``metrics.csv`` (and, with
+  ``tensorboard=True``, TensorBoard event files), the learning curve ``learning_curve.png``;
 * full-state checkpoints (orbax) every ``checkpoint_every`` generations, at the end, on Ctrl-C and when the
   ``minutes`` budget runs out: the esx :class:`~esx.State` (params, optimizer state, σ, generation, noise key), the
   task's carried state (RL observation statistics, EGG hidden states), the run key and the config. Each is written
@@ -613,13 +613,49 @@ def _stop_on_sigterm():
     return signal.signal(signal.SIGTERM, handler)
 
 
+_NOT_SCALARS = frozenset({"kind", "generation", "wall_time"})
+
+
+class _TensorBoard:
+    """Optional TensorBoard output: every numeric field of a metrics record (but ``wall_time``: each event carries its
+    own time) as the scalar ``<kind>/<field>`` at step ``generation``, in ``run_dir/tensorboard/`` (needs ``tensorboardX``: the ``tensorboard`` extra).
+
+    A resumed run opens a new event file whose ``purge_step`` is the first generation it writes, so TensorBoard
+    drops what the previous segment logged after the checkpoint (the same records :func:`_truncate_logs` drops).
+    """
+
+    @staticmethod
+    def writer_class():
+        """``tensorboardX.SummaryWriter``, or an ImportError that names the extra (checked before a run starts)."""
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError as e:
+            raise ImportError("tensorboard=True (--tensorboard) needs tensorboardX: pip install 'esx[tensorboard]'"
+                              ) from e
+        return SummaryWriter
+
+    def __init__(self, run_dir: Path, first_generation: int):
+        self.writer = self.writer_class()(logdir=str(run_dir / "tensorboard"),
+                                          purge_step=first_generation if first_generation > 1 else None,
+                                          filename_suffix=f".gen{first_generation:08d}", flush_secs=10)
+
+    def write(self, record: dict) -> None:
+        step = int(record["generation"])
+        for k, v in record.items():
+            if k not in _NOT_SCALARS and isinstance(v, (int, float)) and not isinstance(v, bool):
+                self.writer.add_scalar(f"{record['kind']}/{k}", float(v), step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 def _jsonable(d: dict) -> dict:
     return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool, list)) or v is None}
 
 
 def train(config, run_dir: str | os.PathLike | None = None, *, resume: bool = False,
           progress: bool = True, callback: Callable[[dict], None] | None = None,
-          log: Callable[[str], None] | None = None) -> Result:
+          log: Callable[[str], None] | None = None, tensorboard: bool = False) -> Result:
     """Trains ``config`` (any :mod:`esx.configs` class); see the module docstring.
 
     Args:
@@ -630,6 +666,8 @@ def train(config, run_dir: str | os.PathLike | None = None, *, resume: bool = Fa
       progress: show a tqdm progress bar.
       callback: called after every chunk with the last record (a ``dict``); may raise ``KeyboardInterrupt``.
       log: where to send one-line messages (default: ``print``).
+      tensorboard: also write every metrics record to ``run_dir/tensorboard/`` (scalars ``train/...``,
+        ``eval/...``, ``final/...`` by generation; needs the ``tensorboard`` extra and a ``run_dir``).
 
     Returns:
       :class:`Result`. A ``KeyboardInterrupt`` checkpoints the last completed generation and returns with
@@ -644,6 +682,10 @@ def train(config, run_dir: str | os.PathLike | None = None, *, resume: bool = Fa
     t_start = time.perf_counter()
     log = log or print
     config = validate(config)
+    if tensorboard:
+        if run_dir is None:
+            raise ValueError("tensorboard=True needs a run_dir")
+        _TensorBoard.writer_class()
     setup = make_setup(config)
     run_path = Path(run_dir) if run_dir is not None else None
     run_id = uuid.uuid4().hex
@@ -669,12 +711,15 @@ def train(config, run_dir: str | os.PathLike | None = None, *, resume: bool = Fa
         if resume:
             raise ValueError("resume=True needs a run_dir")
         state = init_state(setup)
+    board = _TensorBoard(run_path, state.generation + 1) if tensorboard else None
 
     def emit(record: dict) -> None:
         records.append(record)
         if run_path is not None:
             with open(run_path / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if board is not None:
+            board.write(record)
 
     def checkpoint(s: DriverState) -> None:
         if run_path is not None:
@@ -753,6 +798,8 @@ def train(config, run_dir: str | os.PathLike | None = None, *, resume: bool = Fa
         if out_of_time:
             log(f"minutes={config.minutes:g} used up at generation {state.generation}; checkpoint saved, "
                 "continue with resume=True (esx train ... --resume)")
+    if board is not None:
+        board.close()
     wall = time.perf_counter() - t_start
     if run_path is not None:
         summary = {"generation": state.generation, "score": setup.score, f"final_{setup.score}": final_score,

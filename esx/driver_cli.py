@@ -41,6 +41,8 @@ def _train_parser():
                    help="run directory (default: runs/<config>-<date>-<time>; required with --resume)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its newest checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write the metrics as TensorBoard scalars to RUN_DIR/tensorboard (extra: tensorboard)")
     p.add_argument("--devices", default=None, metavar="N|all",
                    help="shard the population over N devices (or all); same as devices=N (0 = all)")
     p.add_argument("--multi-host", action="store_true",
@@ -49,7 +51,7 @@ def _train_parser():
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    """``esx train <config> [field=value ...] [--run-dir DIR] [--resume] [--no-progress]``."""
+    """``esx train <config> [field=value ...] [--run-dir DIR] [--resume] [--no-progress] [--tensorboard]``."""
     from esx import configs
 
     prog = "esx train"
@@ -77,8 +79,9 @@ def train_main(argv: list[str] | None = None) -> int:
         return _error(prog, str(e))
     print(f"esx train {config.name}: {config.summary()}; run dir {run_dir}", flush=True)
     try:
-        result = driver.train(config, run_dir, resume=args.resume, progress=not args.no_progress)
-    except (driver.CheckpointError, FileExistsError) as e:
+        result = driver.train(config, run_dir, resume=args.resume, progress=not args.no_progress,
+                              tensorboard=args.tensorboard)
+    except (driver.CheckpointError, FileExistsError, ImportError) as e:
         return _error(prog, str(e))
     again = (f"esx train {args.config} {' '.join(args.overrides)} --run-dir {run_dir} --resume").replace("  ", " ")
     if result.interrupted:

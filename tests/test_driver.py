@@ -35,7 +35,31 @@ def assert_identical(a: driver.DriverState, b: driver.DriverState) -> None:
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("full") / "run"
-    return driver.train(TINY, run_dir, progress=False)
+    return driver.train(TINY, run_dir, progress=False, tensorboard=True)
+
+
+def read_tensorboard(run_dir: Path) -> tuple[dict, int]:
+    """``({tag: {step: value}}, number of scalar events)`` of ``run_dir/tensorboard``, files in name order with
+    TensorBoard's purge rule (a SessionLog START at step s drops the earlier files' events at steps >= s)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars, count = {}, 0
+    for path in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
+        data, i = path.read_bytes(), 0
+        while i < len(data):  # TFRecord framing: u64 length, u32 crc, payload, u32 crc
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                for by_step in scalars.values():
+                    for step in [st for st in by_step if st >= event.step]:
+                        del by_step[step]
+            for v in event.summary.value:
+                scalars.setdefault(v.tag, {})[event.step] = v.simple_value
+                count += 1
+    return scalars, count
 
 
 def _interrupt_at(generation):
@@ -61,6 +85,30 @@ def test_resume_is_bit_identical(full_run, tmp_path):
     assert [r["generation"] for r in recs] == list(range(1, 9))
     assert [r["return_mean"] for r in recs] == [r["return_mean"] for r in full]
     assert [r["generation"] for r in driver.read_metrics(run_dir) if r["kind"] == "final"] == [8]
+
+
+def test_tensorboard_scalars_match_metrics_and_resume_purges(full_run, tmp_path):
+    scalars, count = read_tensorboard(full_run.run_dir)
+    recs = driver.read_metrics(full_run.run_dir)
+    for r in recs:  # every numeric field of every record (but wall_time), as float32, at its generation
+        for k, v in r.items():
+            if k not in driver._NOT_SCALARS and isinstance(v, (int, float)) and not isinstance(v, bool):
+                assert scalars[f"{r['kind']}/{k}"][r["generation"]] == np.float32(v), (r["kind"], k)
+    assert sorted(scalars["train/return_mean"]) == list(range(1, 9)) and "train/wall_time" not in scalars
+    assert sorted(scalars["eval/eval_return_mean"]) == [4, 8] and sorted(scalars["final/eval_return_mean"]) == [8]
+    # A crash after generation 8 was logged but before its checkpoint: the resume restarts at 6, and the new
+    # event file's purge step hides the first segment's 7 and 8.
+    run_dir = tmp_path / "run"
+    shutil.copytree(full_run.run_dir, run_dir)
+    shutil.rmtree(driver.list_checkpoints(run_dir)[-1])
+    resumed = driver.train(TINY, run_dir, resume=True, progress=False, tensorboard=True, log=lambda s: None)
+    assert_identical(resumed.state, full_run.state)
+    again, count_again = read_tensorboard(run_dir)
+    assert again == scalars
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    assert count_again > count  # generations 7 and 8 were written twice; the purge is what makes them equal
+    with pytest.raises(ValueError, match="run_dir"):
+        driver.train(TINY, None, progress=False, tensorboard=True)
 
 
 def test_chunk_boundaries_do_not_change_results(full_run):
