@@ -617,8 +617,9 @@ _NOT_SCALARS = frozenset({"kind", "generation", "wall_time"})
 
 
 class _TensorBoard:
-    """Optional TensorBoard output: every numeric field of a metrics record (but ``wall_time``: each event carries its
-    own time) as the scalar ``<kind>/<field>`` at step ``generation``, in ``run_dir/tensorboard/`` (needs ``tensorboardX``: the ``tensorboard`` extra).
+    """Optional TensorBoard output: every numeric field of a metrics record (but ``wall_time``: each event carries
+    its own time) as the scalar ``<kind>/<field>`` at step ``generation``, in ``run_dir/tensorboard/`` (needs
+    ``tensorboardX``: the ``tensorboard`` extra).
 
     A resumed run opens a new event file whose ``purge_step`` is the first generation it writes, so TensorBoard
     drops what the previous segment logged after the checkpoint (the same records :func:`_truncate_logs` drops).
