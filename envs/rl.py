@@ -262,8 +262,24 @@ class Policy:
         if self.action_kind == "discrete":
             if mode == "greedy":
                 return jnp.argmax(out).astype(jnp.int32)
-            c = jnp.cumsum(jnp.exp(out - jnp.max(out)))
-            return jnp.sum(c[:-1] <= noise * c[-1]).astype(jnp.int32)
+            if self.action_dim > 16:
+                c = jnp.cumsum(jnp.exp(out - jnp.max(out)))
+                return jnp.sum(c[:-1] <= noise * c[-1]).astype(jnp.int32)
+            # Few actions: the max and the running sums written out, elementwise. Under vmap XLA:CPU lowered the
+            # small cumsum to a reduce-window plus a matrix product, and the max (a reduction) into a YNNPACK
+            # fusion with the exp; together they took most of a stochastic CartPole rollout.
+            top = out[0]
+            for k in range(1, self.action_dim):
+                top = jnp.maximum(top, out[k])
+            e = jnp.exp(out - top)
+            c = [e[0]]
+            for k in range(1, self.action_dim):
+                c.append(c[-1] + e[k])
+            u = noise * c[-1]
+            action = jnp.zeros((), jnp.int32)
+            for ck in c[:-1]:
+                action = action + (ck <= u).astype(jnp.int32)
+            return action
         low = jnp.asarray(self.action_low, jnp.float32)
         high = jnp.asarray(self.action_high, jnp.float32)
         half, mid = (high - low) / 2, (high + low) / 2

@@ -14,6 +14,7 @@ It prints
    the value reached when ``--time-limit`` runs out.
 
     python scripts/compare_evosax_cartpole.py                         # CartPole-v1, N=4096, 200 steps
+    python scripts/compare_evosax_cartpole.py --mode greedy --noise-source hash   # argmax actions, hash noise
     # Pendulum-v1 with the named config `pendulum` (esx/configs.py): N=512, rank 4, σ 0.05, Adam 0.01, 2x64 MLP
     # with LayerNorm, 2 greedy episodes per member; a fixed 15-minute budget per method (target inf: never stops early)
     python scripts/compare_evosax_cartpole.py --env Pendulum-v1 --population 512 --rank 4 --sigma 0.05 \\
@@ -44,6 +45,7 @@ def main(argv=None) -> None:
     p.add_argument("--sigma", type=float, default=0.2)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    p.add_argument("--noise-source", default="normal", help="EGGROLL's noise source, one of esx.noise.NOISE_SOURCES (default normal)")
     p.add_argument("--mode", choices=["greedy", "stochastic"], default="stochastic")
     p.add_argument("--throughput-gens", type=int, default=6, help="timed generations per method")
     p.add_argument("--target", type=float, default=475.0)
@@ -79,7 +81,8 @@ def main(argv=None) -> None:
           f"σ={args.sigma}, {args.optimizer} lr={args.lr}, EGGROLL rank {args.rank}; devices {jax.devices()}")
 
     # --- EGGROLL -------------------------------------------------------------------------------------------------
-    strategy = esx.eggroll(population_size=args.population, rank=args.rank, sigma=args.sigma, optimizer=opt)
+    strategy = esx.eggroll(population_size=args.population, rank=args.rank, sigma=args.sigma, optimizer=opt,
+                           noise_source=args.noise_source)
 
     def make_egg_gen(stop_early):
         fitness = rl.make_fitness(race_adapter if stop_early else adapter, policy, mode=args.mode,

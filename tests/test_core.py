@@ -93,6 +93,55 @@ def test_ops_on_plain_arrays_are_ordinary_ops():
         esx.dense(x, p["w_in_out"], layout="nope")
 
 
+@pytest.mark.parametrize("m,n", [(4, 32), (32, 2), (3, 64), (64, 1), (12, 12)])
+@pytest.mark.parametrize("rank", [1, 3])
+def test_single_row_dense_matches_float64_reference_under_vmap(m, n, rank):
+    """One input row per member (an RL policy's step): the CPU forms of ``dense`` (multiply-adds for a tiny input
+    dimension, column dot products for a tiny output) equal ``x @ W`` in float64, for plain shared weights,
+    per-member plain weights (full-rank ES), LowRank and prepared SplitLowRank leaves, in both layouts."""
+    k = jax.random.split(jax.random.key(m * 100 + n + rank), 5)
+    pop = 6
+    x = jax.random.normal(k[0], (pop, m))
+    w = jax.random.normal(k[1], (m, n))
+    a, b = jax.random.normal(k[2], (pop, m, rank)), jax.random.normal(k[3], (pop, n, rank))
+    coef = jnp.linspace(-0.5, 0.5, pop)
+    per_member = jax.random.normal(k[4], (pop, m, n))
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    pert = w64 + np.asarray(coef, np.float64)[:, None, None] * np.einsum(
+        "pmr,pnr->pmn", np.asarray(a, np.float64), np.asarray(b, np.float64))
+    want = np.einsum("pm,pmn->pn", x64, pert)
+
+    lowrank = jax.jit(jax.vmap(lambda x, a, b, c: esx.dense(x, esx.LowRank(w, a, b, c))))
+    split = jax.jit(jax.vmap(lambda x, a, b, c: esx.dense(x, esx.prepare(esx.LowRank(w, a, b, c)))))
+    out_in = jax.jit(jax.vmap(lambda x, a, b, c: esx.dense(x, esx.LowRank(w.T, b, a, c), layout="out_in")))
+    for f in (lowrank, split, out_in):
+        np.testing.assert_allclose(f(x, a, b, coef), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(jax.vmap(lambda x: esx.dense(x, w)))(x), x64 @ w64, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(jax.vmap(esx.dense))(x, per_member),
+                               np.einsum("pm,pmn->pn", x64, np.asarray(per_member, np.float64)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_single_row_dense_on_cpu_uses_no_matrix_product_for_a_tiny_input():
+    """The CPU form really is taken: a population's one-row ``dense`` with a 4-wide input (plain, per-member or
+    low-rank weights) compiles to elementwise code, with no dot left (``docs/rl.md`` has the speed-up)."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("CPU-only formulation")
+    x, w = jnp.ones((8, 4)), jnp.ones((4, 32))
+    a, b, c = jnp.ones((8, 4, 1)), jnp.ones((8, 32, 1)), jnp.ones(8)
+    cases = [
+        (jax.vmap(lambda x: esx.dense(x, w)), (x,)),
+        (jax.vmap(esx.dense), (x, jnp.ones((8, 4, 32)))),
+        (jax.vmap(lambda x, a, b, c: esx.dense(x, esx.LowRank(w, a, b, c))), (x, a, b, c)),
+    ]
+    for f, args in cases:
+        hlo = jax.jit(f).lower(*args).compile().as_text()
+        assert " dot(" not in hlo and "ynn_fusion" not in hlo, hlo[:2000]
+    # ... while several rows (a sequence) keep the matrix product.
+    hlo = jax.jit(lambda x: esx.dense(x, w)).lower(x).compile().as_text()
+    assert " dot(" in hlo or "ynn_fusion" in hlo
+
+
 def test_prepare_keeps_rank_one_stacked_and_plain_leaves():
     stacked = esx.LowRank(jnp.ones((2, 3, 4)), jnp.ones((2, 3, 2)), jnp.ones((2, 4, 2)), jnp.ones(2))
     rank1 = esx.LowRank(jnp.ones((3, 4)), jnp.ones((3, 1)), jnp.ones((4, 1)), jnp.ones(()))
