@@ -50,7 +50,7 @@ from jax import lax
 
 from esx import labels as labels_lib
 from esx import noise as noise_lib
-from esx.strategy import State, Strategy, _resolve_labels
+from esx.strategy import Metrics, State, Strategy, _resolve_labels, fitness_stats
 
 NOISE_SCALE = 16          # noise entries are round(NOISE_SCALE · N(0, 1))
 FRAC_BITS = 4             # fixed point: 16 = 1.0
@@ -263,21 +263,11 @@ class IntPopulation(NamedTuple):
     sigma: jax.Array
 
 
-class IntMetrics(NamedTuple):
-    """Per-generation metrics (the fields of :class:`esx.Metrics` plus the update statistics)."""
-
-    fitness_mean: jax.Array
-    fitness_std: jax.Array
-    fitness_max: jax.Array
-    fitness_min: jax.Array
-    num_nonfinite: jax.Array
-    grad_norm: jax.Array
-    sigma: jax.Array
-    generation: jax.Array
-    skipped: jax.Array
-    alpha: jax.Array
-    changed_fraction: jax.Array
-    num_decided_pairs: jax.Array
+#: Per-generation metrics of :func:`int_eggroll`: every field of :class:`esx.Metrics` (same order; ``sigma`` is
+#: ``2^-sigma_shift``, ``grad_norm`` the norm of the vote tallies) plus ``alpha`` (the update threshold fraction),
+#: ``changed_fraction`` (weights that moved) and ``num_decided_pairs`` (pairs with unequal fitness).
+IntMetrics = NamedTuple("IntMetrics", [(name, jax.Array) for name in Metrics._fields]
+                        + [("alpha", jax.Array), ("changed_fraction", jax.Array), ("num_decided_pairs", jax.Array)])
 
 
 def pair_signs(fitness: jax.Array) -> jax.Array:
@@ -502,18 +492,9 @@ def int_eggroll(
             changed = changed + jnp.sum(updated != leaf).astype(jnp.int32)
             total += leaf.size
             new.append(updated)
-        ff = fitness.astype(jnp.float32)
-        finite = jnp.isfinite(ff)
-        clean = jnp.where(finite, ff, 0.0)
-        n_fin = jnp.maximum(finite.sum(), 1)
-        mean = clean.sum() / n_fin
         gen_f = state.generation.astype(jnp.float32)
         metrics = IntMetrics(
-            fitness_mean=mean,
-            fitness_std=jnp.sqrt(jnp.sum(jnp.where(finite, (clean - mean) ** 2, 0.0)) / n_fin),
-            fitness_max=jnp.max(jnp.where(finite, ff, -jnp.inf)),
-            fitness_min=jnp.min(jnp.where(finite, ff, jnp.inf)),
-            num_nonfinite=jnp.sum(~finite).astype(jnp.int32),
+            **fitness_stats(fitness),
             grad_norm=jnp.sqrt(sum(jnp.sum(jnp.square(t.astype(jnp.float32)))
                                    for t in jax.tree_util.tree_leaves(tallies))),
             sigma=jnp.exp2(-state.sigma.astype(jnp.float32)),

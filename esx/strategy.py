@@ -454,7 +454,7 @@ def make_strategy(
         """Hands ``-g`` to the optimizer and advances the generation; ``fitness`` feeds the metrics."""
         fitness = check_fitness(fitness)
         info = leaves_of(state.params)
-        clean, finite = shaping_lib.sanitize(fitness)
+        _, finite = shaping_lib.sanitize(fitness)
         neg = jax.tree_util.tree_map(jnp.negative, grad_tree)
         updates, opt_state = cfg.optimizer.update(neg, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -468,15 +468,8 @@ def make_strategy(
         opt_state = _select(ok, opt_state, state.opt_state)
         generation = state.generation + 1
         new_sigma = sigma_at(generation) if callable(cfg.sigma) else state.sigma
-        fin = finite.astype(jnp.float32)
-        n_fin = jnp.maximum(fin.sum(), 1.0)
-        mean = jnp.sum(clean * fin) / n_fin
         metrics = Metrics(
-            fitness_mean=mean,
-            fitness_std=jnp.sqrt(jnp.sum(((clean - mean) * fin) ** 2) / n_fin),
-            fitness_max=jnp.max(jnp.where(finite, fitness, -jnp.inf)),
-            fitness_min=jnp.min(jnp.where(finite, fitness, jnp.inf)),
-            num_nonfinite=jnp.sum(~finite).astype(jnp.int32),
+            **fitness_stats(fitness),
             grad_norm=_global_norm(grad_tree),
             sigma=state.sigma,
             generation=state.generation,
@@ -490,6 +483,25 @@ def make_strategy(
         return apply(state, gradient(state, fitness), fitness)
 
     return Strategy(cfg, init, ask, view, evaluate, tell, gradient, apply)
+
+
+def fitness_stats(fitness: jax.Array) -> dict:
+    """The fitness fields of :class:`Metrics` for ``fitness: float[N]`` (or int): mean, standard deviation, max and
+    min over the finite entries, and the number of non-finite ones (``float32`` scalars, ``num_nonfinite`` int32).
+    With no finite entry, mean and std are 0, max is ``-inf`` and min ``+inf``."""
+    f = jnp.asarray(fitness).astype(jnp.float32)
+    finite = jnp.isfinite(f)
+    fin = finite.astype(jnp.float32)
+    n_fin = jnp.maximum(fin.sum(), 1.0)
+    clean = jnp.where(finite, f, 0.0)
+    mean = jnp.sum(clean) / n_fin
+    return dict(
+        fitness_mean=mean,
+        fitness_std=jnp.sqrt(jnp.sum(((clean - mean) * fin) ** 2) / n_fin),
+        fitness_max=jnp.max(jnp.where(finite, f, -jnp.inf)),
+        fitness_min=jnp.min(jnp.where(finite, f, jnp.inf)),
+        num_nonfinite=jnp.sum(~finite).astype(jnp.int32),
+    )
 
 
 def _global_norm(tree: Any) -> jax.Array:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import esx
 from esx import int_eggroll as ie
 from esx_envs import egg, text_data
 
@@ -164,6 +165,12 @@ def test_update_matches_dense_integer_reference():
             assert state.params[name].dtype == jnp.int8
             np.testing.assert_array_equal(np.asarray(state.params[name], np.int64), ref[name])
     assert int(state.generation) == 3
+    # the metrics: esx.Metrics' fields (same order) plus the integer update's own, fitness numbers as numpy's
+    assert ie.IntMetrics._fields[:len(esx.Metrics._fields)] == esx.Metrics._fields
+    f = np.asarray(fitness, np.float64)
+    np.testing.assert_allclose([metrics.fitness_mean, metrics.fitness_std, metrics.fitness_max, metrics.fitness_min],
+                               [f.mean(), f.std(), f.max(), f.min()], rtol=1e-6)
+    assert int(metrics.num_nonfinite) == 0 and 0 <= int(metrics.num_decided_pairs) <= 8
     # tally split over pairs sums to the full tally (sharded updates)
     fitness = jax.random.randint(jax.random.key(11), (16,), -5, 6)
     grad = jax.jit(strat.gradient)
