@@ -11,7 +11,8 @@ It prints
    time of each part: one shared policy's rollouts, each side's evaluation, ask and tell);
 2. learning: wall-clock (each method's compilation included; the greedy check is compiled before both races)
    until the greedy policy's mean return over 32 episodes reaches ``--target`` (checked every 5 generations), or
-   the value reached when ``--time-limit`` runs out.
+   the value reached when ``--time-limit`` runs out; then both final policies are scored on the same
+   ``--final-episodes`` seeds, and the mean of the per-seed differences is printed with its standard error.
 
     python scripts/compare_evosax_cartpole.py                         # CartPole-v1, N=4096, 200 steps
     python scripts/compare_evosax_cartpole.py --mode greedy --noise-source hash   # argmax actions, hash noise
@@ -19,7 +20,7 @@ It prints
     # with LayerNorm, 2 greedy episodes per member; a fixed 15-minute budget per method (target inf: never stops early)
     python scripts/compare_evosax_cartpole.py --env Pendulum-v1 --population 512 --rank 4 --sigma 0.05 \\
         --optimizer adam --lr 0.01 --width 64 --depth 2 --layer-norm --episodes 2 --mode greedy \\
-        --target inf --time-limit 900 --log-every 60
+        --target inf --time-limit 900 --log-every 60 --final-episodes 1024
 """
 from __future__ import annotations
 
@@ -182,7 +183,7 @@ def main(argv=None) -> None:
         print(f"  {name:<16} {what} after {g} generations, {elapsed:.1f} s (compile included); best check "
               f"{best:.1f}; final policy over {args.final_episodes} episodes: {final.mean():.1f} "
               f"± {final.std() / np.sqrt(final.size):.1f} (s.e.)", flush=True)
-        return reached, elapsed, value, float(final.mean())
+        return reached, elapsed, value, float(final.mean()), final
 
     print(f"\nlearning (greedy mean return over 32 episodes, target {args.target:g}, limit {args.time_limit:.0f} s "
           "each, episodes stop at termination):")
@@ -196,6 +197,12 @@ def main(argv=None) -> None:
     else:
         print(f"  at the time limit: EGGROLL {r_egg[2]:.1f} vs Open_ES {r_evo[2]:.1f} (last 32-episode check); "
               f"final policies over {args.final_episodes} episodes: EGGROLL {r_egg[3]:.1f} vs Open_ES {r_evo[3]:.1f}")
+    # The final scores use the same seeds (initial states) for both policies: the per-episode differences remove
+    # the spread that comes from the initial state (large for Pendulum), so their standard error is the honest one.
+    d = r_egg[4] - r_evo[4]
+    print(f"  final policies, paired by episode seed (EGGROLL - Open_ES): {d.mean():+.2f} ± "
+          f"{d.std(ddof=1) / np.sqrt(d.size):.2f} (s.e.); EGGROLL better in {int(np.sum(d > 0))}, worse in "
+          f"{int(np.sum(d < 0))} of {d.size} episodes")
 
 
 def breakdown(args, strategy, es, es_params, adapter, policy, stats, egg_state, evo_state) -> None:

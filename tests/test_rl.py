@@ -305,3 +305,26 @@ def test_pure_jax_adapter_learns_with_eggroll():
     after = float(evaluate(state.params, jax.random.key(99), stats).mean())
     assert before < -1.0  # a fixed ~0 action: 4 · E[target²] = 4/3
     assert after > 0.3 * before  # at least 70% of the squared error gone
+
+
+def test_compare_evosax_script_prints_ratio_and_a_consistent_paired_difference():
+    """scripts/compare_evosax_cartpole.py at toy settings: it prints both throughputs and their ratio, and the
+    paired (same seeds) difference of the final policies equals the difference of their printed means."""
+    import pathlib
+    import re
+    import subprocess
+    import sys
+
+    pytest.importorskip("evosax")
+    script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "compare_evosax_cartpole.py"
+    out = subprocess.run([sys.executable, str(script), "--population", "64", "--steps", "20", "--width", "8",
+                          "--throughput-gens", "2", "--time-limit", "3", "--final-episodes", "32"],
+                         capture_output=True, text=True, timeout=600, check=True).stdout
+    egg, evo = (float(x) for x in re.findall(r"(\d+\.\d+) gen/s", out))
+    ratio = float(re.search(r"ratio EGGROLL / Open_ES: (\d+\.\d+)x", out).group(1))
+    assert egg > 0 and evo > 0 and ratio == pytest.approx(egg / evo, abs=0.011)
+    finals = [float(x) for x in re.findall(r"final policy over 32 episodes: (-?\d+\.\d+)", out)]
+    paired = float(re.search(r"\(EGGROLL - Open_ES\): ([+-]\d+\.\d+) ±", out).group(1))
+    assert len(finals) == 2 and paired == pytest.approx(finals[0] - finals[1], abs=0.11)
+    better, worse = (int(x) for x in re.search(r"better in (\d+), worse in (\d+) of 32", out).groups())
+    assert better + worse <= 32
