@@ -25,6 +25,7 @@ It prints
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import jax
@@ -57,6 +58,10 @@ def main(argv=None) -> None:
                    help="greedy episodes (same seeds for both) that score each method's final policy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--throughput-only", action="store_true", help="measure generations/s only (no learning race)")
+    p.add_argument("--open-es-policy", choices=["esx", "flax"], default="esx",
+                   help="how Open_ES's per-member policy computes each layer's product: esx.dense (default: the "
+                        "same code as EGGROLL's forward) or flax.linen.Dense, as evosax.problems.networks.MLP "
+                        "does (the usual evosax set-up; same parameters, same values)")
     p.add_argument("--breakdown", action="store_true",
                    help="also time the parts of a generation (shared-policy rollout, each side's evaluation, "
                         "ask and tell), interleaved, median of --throughput-gens calls each")
@@ -73,13 +78,17 @@ def main(argv=None) -> None:
     params0 = policy.init(jax.random.key(args.seed))
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(params0))
     stats = rl.ObsStats.create(adapter.observation_shape)
+    # Open_ES's policy: the same parameters and forward, each layer's product by esx.dense or by flax.linen.Dense.
+    evo_policy = policy if args.open_es_policy == "esx" else FlaxPolicy(
+        *[getattr(policy, f.name) for f in dataclasses.fields(policy)])
     opt = optax.sgd(args.lr) if args.optimizer == "sgd" else optax.adam(args.lr)
     evaluate_greedy = rl.make_evaluator(race_adapter, policy, episodes=32)
     evaluate_final = rl.make_evaluator(race_adapter, policy, episodes=args.final_episodes)
     sizes = "->".join(str(d) for d in [policy.obs_size] + [args.width] * args.depth + [policy.action_dim])
     print(f"{args.env}: MLP {sizes}{' with LayerNorm' if args.layer_norm else ''} ({n_params} parameters), "
           f"N={args.population}, {args.steps} steps, {args.episodes} episode(s) per member, {args.mode} actions, "
-          f"σ={args.sigma}, {args.optimizer} lr={args.lr}, EGGROLL rank {args.rank}; devices {jax.devices()}")
+          f"σ={args.sigma}, {args.optimizer} lr={args.lr}, EGGROLL rank {args.rank}; Open_ES products by "
+          f"{'esx.dense' if args.open_es_policy == 'esx' else 'flax.linen.Dense'}; devices {jax.devices()}")
 
     # --- EGGROLL -------------------------------------------------------------------------------------------------
     strategy = esx.eggroll(population_size=args.population, rank=args.rank, sigma=args.sigma, optimizer=opt,
@@ -103,7 +112,7 @@ def main(argv=None) -> None:
     es_params = es.default_params
 
     def make_evo_gen(stop_early):
-        fitness = rl.make_fitness(race_adapter if stop_early else adapter, policy, mode=args.mode,
+        fitness = rl.make_fitness(race_adapter if stop_early else adapter, evo_policy, mode=args.mode,
                                   episodes=args.episodes, stop_early=stop_early)
 
         @jax.jit
@@ -154,7 +163,7 @@ def main(argv=None) -> None:
     print(f"  evosax Open_ES   {evo_gps:7.2f} gen/s   (first call incl. compile {evo_compile:.1f} s)")
     print(f"  ratio EGGROLL / Open_ES: {egg_gps / evo_gps:.2f}x")
     if args.breakdown:
-        breakdown(args, strategy, es, es_params, adapter, policy, stats, egg_state, evo_state[0])
+        breakdown(args, strategy, es, es_params, adapter, policy, evo_policy, stats, egg_state, evo_state[0])
     if args.throughput_only:
         return
 
@@ -205,12 +214,13 @@ def main(argv=None) -> None:
           f"{int(np.sum(d < 0))} of {d.size} episodes")
 
 
-def breakdown(args, strategy, es, es_params, adapter, policy, stats, egg_state, evo_state) -> None:
+def breakdown(args, strategy, es, es_params, adapter, policy, evo_policy, stats, egg_state, evo_state) -> None:
     """Times the parts of one generation on the throughput setting (fixed-length episodes)."""
     from esx_envs import rl
 
     n = args.population
     fitness = rl.make_fitness(adapter, policy, mode=args.mode, episodes=args.episodes, stop_early=False)
+    evo_fitness = rl.make_fitness(adapter, evo_policy, mode=args.mode, episodes=args.episodes, stop_early=False)
     zeros = jnp.zeros(n)
     parts = {
         "shared policy, N rollouts": (jax.jit(lambda s, k: jax.vmap(lambda kk: fitness(s.params, kk, stats)[0])(
@@ -219,7 +229,7 @@ def breakdown(args, strategy, es, es_params, adapter, policy, stats, egg_state, 
         "esx tell": (jax.jit(lambda s, k: strategy.tell(s, zeros + jax.random.normal(k, (n,)))[0].params),
                      egg_state),
         "evosax ask": (jax.jit(lambda s, k: es.ask(k, s, es_params)[0]), evo_state),
-        "evosax ask + evaluate": (jax.jit(lambda s, k: jax.vmap(lambda p, kk: fitness(p, kk, stats)[0])(
+        "evosax ask + evaluate": (jax.jit(lambda s, k: jax.vmap(lambda p, kk: evo_fitness(p, kk, stats)[0])(
             es.ask(k, s, es_params)[0], jax.random.split(k, n))), evo_state),
         "evosax ask + tell": (jax.jit(lambda s, k: es.tell(k, es.ask(k, s, es_params)[0],
                                                            zeros + jax.random.normal(k, (n,)), s, es_params)[0]),
@@ -237,6 +247,25 @@ def breakdown(args, strategy, es, es_params, adapter, policy, stats, egg_state, 
     print(f"\nparts of a generation (median of {args.throughput_gens} interleaved calls, ms):")
     for name, ts in times.items():
         print(f"  {name:<26} {1e3 * np.median(ts):7.1f}   (min {1e3 * min(ts):.1f})")
+
+
+def _flax_policy_class():
+    import flax.linen as nn
+
+    from esx_envs import rl
+
+    class FlaxPolicy(rl.Policy):
+        """:class:`esx_envs.rl.Policy` with each layer's product ``x @ w`` computed by ``flax.linen.Dense`` (as
+        ``evosax.problems.networks.MLP`` builds its layers) instead of :func:`esx.dense`: plain weights only."""
+
+        def product(self, x, w):
+            return nn.Dense(w.shape[-1], use_bias=False).apply({"params": {"kernel": w}}, x)
+
+    return FlaxPolicy
+
+
+def FlaxPolicy(*fields):  # noqa: N802 -- builds the class on first use (flax is imported only for this option)
+    return _flax_policy_class()(*fields)
 
 
 if __name__ == "__main__":

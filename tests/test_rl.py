@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax import lax
 
 import esx
 from esx_envs import rl
@@ -275,6 +276,60 @@ def test_gymnax_suites_roll_out(name):
     assert moments.sum.shape == adapter.observation_shape
 
 
+@pytest.mark.parametrize("name", sorted(rl.OBS_FROM_STATE))
+def test_observe_equals_the_observations_reset_and_step_return(name):
+    """The rollout may carry only the environment state and observe it (``adapter.observe``): for every listed
+    gymnax environment that gives exactly the observations of ``reset`` and ``step`` along random trajectories."""
+    adapter = rl.Gymnax(name)
+    assert adapter.observe is not None
+
+    def trajectory(key):
+        k_reset, key = jax.random.split(key)
+        obs, state = adapter.reset(k_reset)
+        same = jnp.all(adapter.observe(state) == obs)
+
+        def body(carry, k):
+            state, same = carry
+            k_act, k_step = jax.random.split(k)
+            if adapter.action_kind == "discrete":
+                action = jax.random.randint(k_act, (), 0, adapter.action_dim)
+            else:
+                action = jax.random.uniform(k_act, (adapter.action_dim,), minval=jnp.asarray(adapter.action_low),
+                                            maxval=jnp.asarray(adapter.action_high))
+            obs, state, *_ = adapter.step(k_step, state, action)
+            return (state, same & jnp.all(adapter.observe(state) == obs)), None
+
+        (_, same), _ = lax.scan(body, (state, same), jax.random.split(key, 40))
+        return same
+
+    assert bool(jnp.all(jax.jit(jax.vmap(trajectory))(jax.random.split(jax.random.key(0), 4))))
+
+
+def test_environments_without_observe_keep_the_carried_observation():
+    """UmbrellaChain draws its observations with the step's key: not in OBS_FROM_STATE, so no ``observe``."""
+    assert "UmbrellaChain-bsuite" in rl.gymnax_env_names() and "UmbrellaChain-bsuite" not in rl.OBS_FROM_STATE
+    assert rl.Gymnax("UmbrellaChain-bsuite").observe is None
+
+
+@pytest.mark.parametrize("name, mode", [("CartPole-v1", "stochastic"), ("Pendulum-v1", "greedy")])
+def test_rollout_with_observe_equals_rollout_carrying_observations(name, mode):
+    """Returns, lengths and observation moments (with normalisation on) are identical with and without
+    ``observe``."""
+    observing = rl.Gymnax(name, max_steps=60)
+    carrying = rl.Gymnax(name, max_steps=60)
+    carrying.observe = None
+    policy = rl.Policy.for_adapter(observing, width=8, depth=1)
+    params = policy.init(jax.random.key(1))
+    stats = rl.ObsStats(jnp.float32(10.0), jnp.full(observing.observation_shape, 0.1, jnp.float32),
+                        jnp.full(observing.observation_shape, 2.0, jnp.float32))
+    keys = jax.random.split(jax.random.key(2), 8)
+    outs = [jax.jit(jax.vmap(lambda k, a=a: rl.rollout(a, policy, params, k, stats, mode=mode)))(keys)
+            for a in (observing, carrying)]
+    for x, y in zip(jax.tree_util.tree_leaves(outs[0]), jax.tree_util.tree_leaves(outs[1])):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert len(set(np.asarray(outs[0][1]).tolist())) > 1 or name == "Pendulum-v1"  # episodes of several lengths
+
+
 def test_unknown_env_lists_valid_names():
     with pytest.raises(ValueError, match=r"unknown environment 'CartPol-v1' \(did you mean 'CartPole-v1'\?\).*"
                                          r"Breakout-MinAtar"):
@@ -328,3 +383,26 @@ def test_compare_evosax_script_prints_ratio_and_a_consistent_paired_difference()
     assert len(finals) == 2 and paired == pytest.approx(finals[0] - finals[1], abs=0.11)
     better, worse = (int(x) for x in re.search(r"better in (\d+), worse in (\d+) of 32", out).groups())
     assert better + worse <= 32
+
+
+def test_compare_script_flax_policy_equals_the_esx_policy():
+    """``--open-es-policy flax`` changes only how Open_ES's per-member products are computed
+    (``flax.linen.Dense``), not the policy: same outputs as :class:`rl.Policy`, with and without LayerNorm."""
+    import dataclasses
+    import importlib.util
+    import pathlib
+
+    pytest.importorskip("flax")
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "compare_evosax_cartpole.py"
+    spec = importlib.util.spec_from_file_location("compare_evosax_cartpole", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    adapter = rl.Gymnax("Pendulum-v1")
+    for layer_norm in (False, True):
+        policy = rl.Policy.for_adapter(adapter, width=16, depth=2, layer_norm=layer_norm)
+        flax_policy = script.FlaxPolicy(*[getattr(policy, f.name) for f in dataclasses.fields(policy)])
+        assert type(flax_policy).__name__ == "FlaxPolicy"
+        params = policy.init(jax.random.key(0))
+        obs = jax.random.normal(jax.random.key(1), (5, 3))
+        np.testing.assert_allclose(np.asarray(jax.vmap(lambda o: flax_policy(params, o))(obs)),
+                                   np.asarray(jax.vmap(lambda o: policy(params, o))(obs)), rtol=1e-5, atol=1e-6)
