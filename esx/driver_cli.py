@@ -44,10 +44,35 @@ def _train_parser():
     p.add_argument("--tensorboard", action="store_true",
                    help="also write the metrics as TensorBoard scalars to RUN_DIR/tensorboard (extra: tensorboard)")
     p.add_argument("--devices", default=None, metavar="N|all",
-                   help="shard the population over N devices (or all); same as devices=N (0 = all)")
+                   help="shard the population over N devices (or all); same as devices=N (0 = all). On a "
+                        "CPU-only machine the CPU gets one device per core (all) or N devices")
     p.add_argument("--multi-host", action="store_true",
                    help="call jax.distributed.initialize from the environment first (see docs/distributed.md)")
     return p
+
+
+def _cpu_devices_for(devices: int) -> int | None:
+    """Before JAX starts its backends, give the CPU platform one device per usable core (``devices=0``, "all") or
+    ``devices`` devices, so that ``--devices`` shards the population over the cores of a CPU-only machine (XLA:CPU
+    runs one device's small per-step operations on one core: Pendulum, 2 cores, 7.8 -> 12.5 generations/s with
+    ``--devices all``; the result does not depend on the device count). Leaves an explicit setting
+    (``jax_num_cpu_devices``, ``XLA_FLAGS=--xla_force_host_platform_device_count``) alone, and changes nothing
+    once a backend is running. Returns the number set, or ``None``."""
+    import os
+
+    import jax
+
+    if devices == 1 or jax.config.jax_num_cpu_devices != -1:
+        return None
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return None
+    n = devices if devices > 0 else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:  # a backend is already initialised (e.g. train_main called inside a JAX program)
+        return None
+    return n
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -55,7 +80,7 @@ def train_main(argv: list[str] | None = None) -> int:
     from esx import configs
 
     prog = "esx train"
-    args = _train_parser().parse_args(argv)
+    args = _train_parser().parse_intermixed_args(argv)
     if args.multi_host:
         from esx import distributed
 
@@ -69,6 +94,8 @@ def train_main(argv: list[str] | None = None) -> int:
         return _error(prog, str(e))
     if args.resume and not args.run_dir:
         return _error(prog, "--resume needs --run-dir DIR (the run to continue)")
+    if not args.multi_host:
+        _cpu_devices_for(config.devices)
     run_dir = Path(args.run_dir or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
     from esx import driver
@@ -77,7 +104,12 @@ def train_main(argv: list[str] | None = None) -> int:
         driver.make_setup(config)
     except (configs.ConfigError, ValueError) as e:
         return _error(prog, str(e))
-    print(f"esx train {config.name}: {config.summary()}; run dir {run_dir}", flush=True)
+    sharded = ""
+    if config.devices != 1:
+        import jax
+
+        sharded = f"; population sharded over {driver._num_devices(config)} {jax.devices()[0].platform} devices"
+    print(f"esx train {config.name}: {config.summary()}{sharded}; run dir {run_dir}", flush=True)
     try:
         result = driver.train(config, run_dir, resume=args.resume, progress=not args.no_progress,
                               tensorboard=args.tensorboard)

@@ -117,3 +117,22 @@ def test_console_script_runs(tmp_path):
     out = subprocess.run([*cmd, "train", "nope"], capture_output=True, text=True, cwd=tmp_path,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert out.returncode == 2 and "valid configs are" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_devices_all_gives_the_cpu_one_device_per_core(tmp_path):
+    """``--devices all`` on a CPU-only machine shards over one CPU device per usable core (set before JAX starts);
+    an explicit ``--xla_force_host_platform_device_count`` wins; overrides may follow the options."""
+    cores = len(os.sched_getaffinity(0))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    base = [sys.executable, "-m", "esx.cli", "train", "cartpole", *TINY_OVERRIDES, "generations=2", "eval_every=2"]
+    auto = subprocess.run([*base, "--devices", "all", "--no-progress", "--run-dir", str(tmp_path / "auto"),
+                           f"population_size={16 * cores}"], capture_output=True, text=True, env=env, timeout=600)
+    assert auto.returncode == 0, auto.stderr
+    assert f"population sharded over {cores} cpu devices" in auto.stdout
+    explicit = subprocess.run([*base, "--devices", "all", "--no-progress", "--run-dir", str(tmp_path / "explicit")],
+                              capture_output=True, text=True, timeout=600,
+                              env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    assert explicit.returncode == 0, explicit.stderr
+    assert "population sharded over 4 cpu devices" in explicit.stdout
+    assert "generation 2: greedy return over 4 episodes" in explicit.stdout
