@@ -54,7 +54,7 @@ def _train_parser():
 def _cpu_devices_for(devices: int) -> int | None:
     """Before JAX starts its backends, give the CPU platform one device per usable core (``devices=0``, "all") or
     ``devices`` devices, so that ``--devices`` shards the population over the cores of a CPU-only machine (XLA:CPU
-    runs one device's small per-step operations on one core: Pendulum, 2 cores, 7.8 -> 12.5 generations/s with
+    runs one device's small per-step operations on one core: Pendulum, 2 cores, 7.7 -> 12.1 generations/s with
     ``--devices all``; the result does not depend on the device count). Leaves an explicit setting
     (``jax_num_cpu_devices``, ``XLA_FLAGS=--xla_force_host_platform_device_count``) alone, and changes nothing
     once a backend is running. Returns the number set, or ``None``."""
@@ -95,7 +95,7 @@ def train_main(argv: list[str] | None = None) -> int:
     if args.resume and not args.run_dir:
         return _error(prog, "--resume needs --run-dir DIR (the run to continue)")
     if not args.multi_host:
-        _cpu_devices_for(config.devices)
+        _cpu_devices_for(getattr(config, "devices", 1))
     run_dir = Path(args.run_dir or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
     from esx import driver
@@ -105,7 +105,7 @@ def train_main(argv: list[str] | None = None) -> int:
     except (configs.ConfigError, ValueError) as e:
         return _error(prog, str(e))
     sharded = ""
-    if config.devices != 1:
+    if getattr(config, "devices", 1) != 1:
         import jax
 
         sharded = f"; population sharded over {driver._num_devices(config)} {jax.devices()[0].platform} devices"

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import time
 
 import jax
@@ -249,6 +250,7 @@ def breakdown(args, strategy, es, es_params, adapter, policy, evo_policy, stats,
         print(f"  {name:<26} {1e3 * np.median(ts):7.1f}   (min {1e3 * min(ts):.1f})")
 
 
+@functools.lru_cache(maxsize=None)
 def _flax_policy_class():
     import flax.linen as nn
 
