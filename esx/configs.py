@@ -43,6 +43,8 @@ class TrainConfig:
       shaping: fitness shaping name (see :mod:`esx.shaping`).
       share_env_seed: antithetic partners see the same environment seeds (common random numbers).
       width, depth, layer_norm: the MLP policy (``depth`` hidden layers of ``width``, LayerNorm then ReLU).
+      policy_form: how the policy's forward is written: ``"auto"``, ``"vector"`` or ``"units"`` (see
+        ``esx_envs.rl.Policy``; ``"auto"`` writes policies of at most 256 multiply-adds per unit on CPU).
       episodes: episodes per member per generation, averaged.
       max_steps: episode step limit (``0``: the environment's default).
       action_mode: ``"stochastic"`` (sample the policy) or ``"greedy"`` while training; evaluation is greedy.
@@ -79,6 +81,7 @@ class TrainConfig:
     width: int = 32
     depth: int = 2
     layer_norm: bool = True
+    policy_form: str = "auto"
     episodes: int = 1
     max_steps: int = 0
     action_mode: str = "stochastic"
@@ -388,6 +391,8 @@ def validate(config):
         bad(f"optimizer={config.optimizer!r}; valid optimizers are ['adam', 'sgd']")
     if config.action_mode not in ("greedy", "stochastic"):
         bad(f"action_mode={config.action_mode!r}; valid modes are ['greedy', 'stochastic']")
+    if config.policy_form not in ("auto", "vector", "units"):
+        bad(f"policy_form={config.policy_form!r}; valid forms are ['auto', 'units', 'vector']")
     _check_positive(config, ("generations", "population_size", "rank", "episodes", "eval_every", "eval_episodes",
                              "final_eval_episodes", "chunk"))
     if config.depth < 0 or config.width < 1:

@@ -242,7 +242,8 @@ def _build(config: TrainConfig, num_devices: int = 1, placement: str = "gather")
 
     adapter = rl.make_adapter(config.env, max_steps=config.max_steps or None)
     policy = rl.Policy.for_adapter(adapter, width=config.width, depth=config.depth,
-                                   layer_norm=config.layer_norm, action_std=config.action_std)
+                                   layer_norm=config.layer_norm, action_std=config.action_std,
+                                   form=config.policy_form)
     optimizer = optax.sgd(config.learning_rate) if config.optimizer == "sgd" else optax.adam(config.learning_rate)
     common = dict(population_size=config.population_size, sigma=config.sigma, optimizer=optimizer,
                   shaping=config.shaping, group_size=2 if config.share_env_seed else 1)

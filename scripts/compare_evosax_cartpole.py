@@ -1,15 +1,23 @@
 """EGGROLL (esx) vs evosax ``Open_ES`` on a gymnax task, side by side in one process.
 
 Both train the same policy (an MLP ``obs -> width (x depth) -> actions``, ReLU, LayerNorm only with
-``--layer-norm``) with the same rollout code, population, σ, optimizer and fitness shaping (centered ranks); the
-only difference is the perturbation: EGGROLL's rank-r ``A Bᵀ`` applied inside a shared forward, vs Open_ES's
-full-rank noise vector per member.
+``--layer-norm``: same parameters, same function) with the same rollout code (``esx_envs.rl``), population, σ,
+optimizer and fitness shaping (centered ranks); the perturbation differs: EGGROLL's rank-r ``A Bᵀ`` applied inside
+a shared forward, vs Open_ES's full-rank noise vector per member. Open_ES's per-member forward is computed in one of
+two ways:
+
+* ``flax``: each layer by ``flax.linen.Dense``, as ``evosax.problems.networks.MLP`` builds it (Open_ES as evosax
+  users run it; the ``vector`` form of ``rl.Policy`` with Flax's product);
+* ``esx``: by ``rl.Policy`` itself, the code EGGROLL uses, including its ``"units"`` form for tiny policies on CPU
+  (a per-unit elementwise forward, see ``rl.Policy``) -- the method-only comparison.
 
 It prints
 1. throughput: generations per second with every episode run for exactly ``--steps`` steps (no early stop), timed
-   alternately (A, B, A, B, ...) so that machine noise hits both alike, and their ratio (``--breakdown`` adds the
-   time of each part: one shared policy's rollouts, each side's evaluation, ask and tell);
-2. learning: wall-clock (each method's compilation included; the greedy check is compiled before both races)
+   alternately (A, B, C, A, B, C, ...) so that machine noise hits all alike, and the ratios of EGGROLL to each
+   Open_ES (``--breakdown`` adds the time of each part: one shared policy's rollouts, each side's evaluation, ask
+   and tell, with ``--open-es-policy``'s forward);
+2. learning (Open_ES with ``--open-es-policy``'s forward, default ``flax``): wall-clock (each method's
+   compilation included; the greedy check is compiled before both races)
    until the greedy policy's mean return over 32 episodes reaches ``--target`` (checked every 5 generations), or
    the value reached when ``--time-limit`` runs out; then both final policies are scored on the same
    ``--final-episodes`` seeds, and the mean of the per-seed differences is printed with its standard error.
@@ -59,10 +67,11 @@ def main(argv=None) -> None:
                    help="greedy episodes (same seeds for both) that score each method's final policy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--throughput-only", action="store_true", help="measure generations/s only (no learning race)")
-    p.add_argument("--open-es-policy", choices=["esx", "flax"], default="esx",
-                   help="how Open_ES's per-member policy computes each layer's product: esx.dense (default: the "
-                        "same code as EGGROLL's forward) or flax.linen.Dense, as evosax.problems.networks.MLP "
-                        "does (the usual evosax set-up; same parameters, same values)")
+    p.add_argument("--open-es-policy", choices=["esx", "flax"], default="flax",
+                   help="Open_ES's per-member forward in the learning race and --breakdown: flax.linen.Dense "
+                        "layers, as evosax.problems.networks.MLP does (default: Open_ES as evosax users run it) or "
+                        "esx's rl.Policy, the same code as EGGROLL's forward (same parameters, same values); the "
+                        "throughput part always measures both")
     p.add_argument("--breakdown", action="store_true",
                    help="also time the parts of a generation (shared-policy rollout, each side's evaluation, "
                         "ask and tell), interleaved, median of --throughput-gens calls each")
@@ -79,17 +88,18 @@ def main(argv=None) -> None:
     params0 = policy.init(jax.random.key(args.seed))
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(params0))
     stats = rl.ObsStats.create(adapter.observation_shape)
-    # Open_ES's policy: the same parameters and forward, each layer's product by esx.dense or by flax.linen.Dense.
-    evo_policy = policy if args.open_es_policy == "esx" else FlaxPolicy(
-        *[getattr(policy, f.name) for f in dataclasses.fields(policy)])
+    # Open_ES's policies: the same parameters and function; rl.Policy's own forward, or flax.linen.Dense layers.
+    flax_policy = FlaxPolicy(**{f.name: getattr(policy, f.name) for f in dataclasses.fields(policy)})
+    evo_policies = {"flax": flax_policy, "esx": policy}
+    evo_policy = evo_policies[args.open_es_policy]
     opt = optax.sgd(args.lr) if args.optimizer == "sgd" else optax.adam(args.lr)
     evaluate_greedy = rl.make_evaluator(race_adapter, policy, episodes=32)
     evaluate_final = rl.make_evaluator(race_adapter, policy, episodes=args.final_episodes)
     sizes = "->".join(str(d) for d in [policy.obs_size] + [args.width] * args.depth + [policy.action_dim])
     print(f"{args.env}: MLP {sizes}{' with LayerNorm' if args.layer_norm else ''} ({n_params} parameters), "
           f"N={args.population}, {args.steps} steps, {args.episodes} episode(s) per member, {args.mode} actions, "
-          f"σ={args.sigma}, {args.optimizer} lr={args.lr}, EGGROLL rank {args.rank}; Open_ES products by "
-          f"{'esx.dense' if args.open_es_policy == 'esx' else 'flax.linen.Dense'}; devices {jax.devices()}")
+          f"σ={args.sigma}, {args.optimizer} lr={args.lr}, EGGROLL rank {args.rank}; rl.Policy form "
+          f"{policy._form_now()!r}; devices {jax.devices()}")
 
     # --- EGGROLL -------------------------------------------------------------------------------------------------
     strategy = esx.eggroll(population_size=args.population, rank=args.rank, sigma=args.sigma, optimizer=opt,
@@ -112,8 +122,8 @@ def main(argv=None) -> None:
                     std_schedule=optax.constant_schedule(args.sigma))
     es_params = es.default_params
 
-    def make_evo_gen(stop_early):
-        fitness = rl.make_fitness(race_adapter if stop_early else adapter, evo_policy, mode=args.mode,
+    def make_evo_gen(stop_early, which=args.open_es_policy):
+        fitness = rl.make_fitness(race_adapter if stop_early else adapter, evo_policies[which], mode=args.mode,
                                   episodes=args.episodes, stop_early=stop_early)
 
         @jax.jit
@@ -139,30 +149,39 @@ def main(argv=None) -> None:
         return strategy.init(jax.random.key(args.seed), params0)
 
     # 1. throughput at a fixed cost per generation ------------------------------------------------------------------
-    egg_gen, evo_gen = make_egg_gen(False), make_evo_gen(False)
-    t = time.perf_counter()
-    egg_state = jax.block_until_ready(egg_gen(egg_init())[0])
-    egg_compile = time.perf_counter() - t
-    t = time.perf_counter()
-    evo_state = jax.block_until_ready(evo_gen(evo_init()))
-    evo_compile = time.perf_counter() - t
+    gens = {"esx EGGROLL": (make_egg_gen(False), egg_init),
+            "evosax Open_ES, flax MLP": (make_evo_gen(False, "flax"), evo_init),
+            "evosax Open_ES, esx policy": (make_evo_gen(False, "esx"), evo_init)}
+    states, compile_s, times = {}, {}, {name: [] for name in gens}
+
+    def call(name, state):
+        out = gens[name][0](state)
+        return jax.block_until_ready(out[0] if name == "esx EGGROLL" else out)
+
+    for name, (_, init) in gens.items():
+        t = time.perf_counter()
+        states[name] = call(name, init())
+        compile_s[name] = time.perf_counter() - t
     # one more untimed call each: a state whose leaves change type after the first step (evosax's counters start as
     # Python numbers) recompiles once on the second call, which is not throughput
-    egg_state = jax.block_until_ready(egg_gen(egg_state)[0])
-    evo_state = jax.block_until_ready(evo_gen(evo_state))
-    egg_times, evo_times = [], []
+    for name in gens:
+        states[name] = call(name, states[name])
     for _ in range(args.throughput_gens):
-        t = time.perf_counter()
-        egg_state = jax.block_until_ready(egg_gen(egg_state)[0])
-        egg_times.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        evo_state = jax.block_until_ready(evo_gen(evo_state))
-        evo_times.append(time.perf_counter() - t)
-    egg_gps, evo_gps = 1 / np.median(egg_times), 1 / np.median(evo_times)
+        for name in gens:
+            t = time.perf_counter()
+            states[name] = call(name, states[name])
+            times[name].append(time.perf_counter() - t)
+    gps = {name: 1 / np.median(ts) for name, ts in times.items()}
     print(f"\nthroughput ({args.steps}-step episodes, median of {args.throughput_gens} alternating generations):")
-    print(f"  esx EGGROLL      {egg_gps:7.2f} gen/s   (first call incl. compile {egg_compile:.1f} s)")
-    print(f"  evosax Open_ES   {evo_gps:7.2f} gen/s   (first call incl. compile {evo_compile:.1f} s)")
-    print(f"  ratio EGGROLL / Open_ES: {egg_gps / evo_gps:.2f}x")
+    for name in gens:
+        print(f"  {name:<28} {gps[name]:7.2f} gen/s   (first call incl. compile {compile_s[name]:.1f} s)")
+    egg_gps = gps["esx EGGROLL"]
+    print(f"  ratio EGGROLL / Open_ES (flax MLP, as evosax users run it):        "
+          f"{egg_gps / gps['evosax Open_ES, flax MLP']:.2f}x")
+    print(f"  ratio EGGROLL / Open_ES (esx policy, the same forward code):       "
+          f"{egg_gps / gps['evosax Open_ES, esx policy']:.2f}x")
+    egg_state = states["esx EGGROLL"]
+    evo_state = states[f"evosax Open_ES, {'flax MLP' if args.open_es_policy == 'flax' else 'esx policy'}"]
     if args.breakdown:
         breakdown(args, strategy, es, es_params, adapter, policy, evo_policy, stats, egg_state, evo_state[0])
     if args.throughput_only:
@@ -266,8 +285,9 @@ def _flax_policy_class():
     return FlaxPolicy
 
 
-def FlaxPolicy(*fields):  # noqa: N802 -- builds the class on first use (flax is imported only for this option)
-    return _flax_policy_class()(*fields)
+def FlaxPolicy(**fields):  # noqa: N802 -- builds the class on first use (flax is imported only for this option)
+    """An ``rl.Policy`` with ``fields`` whose layers are ``flax.linen.Dense`` (always the ``"vector"`` form)."""
+    return _flax_policy_class()(**{**fields, "form": "vector"})
 
 
 if __name__ == "__main__":

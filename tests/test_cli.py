@@ -47,6 +47,8 @@ def test_bad_overrides_name_the_problem():
         configs.apply_overrides(base, ["sigma"])
     with pytest.raises(ConfigError, match="must be even"):
         configs.apply_overrides(base, ["population_size=7"])
+    with pytest.raises(ConfigError, match=r"policy_form='unit'; valid forms are \['auto', 'units', 'vector'\]"):
+        configs.apply_overrides(base, ["policy_form=unit"])
     with pytest.raises(ConfigError, match=r"valid optimizers are \['adam', 'sgd'\]"):
         configs.apply_overrides(base, ["optimizer=lion"])
     with pytest.raises(ConfigError, match=r"unknown config 'cartpol' \(did you mean 'cartpole'\?\); valid configs "

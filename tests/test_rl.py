@@ -214,6 +214,65 @@ def test_policy_is_lowrank_under_eggroll():
                                atol=1e-6)
 
 
+@pytest.mark.parametrize("layer_norm, rank", [(False, 1), (True, 3)])
+def test_units_form_equals_vector_form(layer_norm, rank):
+    """The "units" forward (one scalar per unit) gives the "vector" forward's values on plain parameters, on
+    EGGROLL member views (LowRank, and SplitLowRank after prepare) and on Open_ES-style per-member matrices, under
+    the population's vmap, prepared or not."""
+    kw = dict(obs_size=3, action_kind="discrete", action_dim=2, width=6, depth=2, layer_norm=layer_norm)
+    units, vector = rl.Policy(**kw, form="units"), rl.Policy(**kw, form="vector")
+    params = units.init(jax.random.key(0))
+    params["out"]["w"] = params["out"]["w"] * 100.0  # logits of order 1
+    obs = jax.random.normal(jax.random.key(1), (8, 3))
+
+    def close(a, b):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
+
+    close(jax.vmap(lambda o: units(params, o))(obs), jax.vmap(lambda o: vector(params, o))(obs))
+    close(jax.vmap(lambda o: units(units.prepare(params), o))(obs), jax.vmap(lambda o: vector(params, o))(obs))
+    strategy = esx.eggroll(population_size=8, rank=rank, sigma=0.3, optimizer=optax.sgd(0.1))
+    state = strategy.init(jax.random.key(2), params)
+    population = strategy.ask(state)
+    views = jax.vmap(lambda m: strategy.view(state, population, m))(jnp.arange(8))
+    assert isinstance(views["hidden"][1]["w"], esx.LowRank)
+    for prep in (False, True):
+        f = (lambda p: (lambda pol: pol.prepare(p) if prep else p))
+        close(jax.vmap(lambda v, o: units(f(v)(units), o))(views, obs),
+              jax.vmap(lambda v, o: vector(f(v)(vector), o))(views, obs))
+    # per-member plain matrices (Open_ES's members): the dense values of the views
+    dense = jax.vmap(lambda v: jax.tree_util.tree_map(esx.value, v, is_leaf=lambda x: isinstance(
+        x, (esx.LowRank, esx.Full))))(views)
+    close(jax.vmap(lambda p, o: units(units.prepare(p), o))(dense, obs),
+          jax.vmap(lambda p, o: vector(p, o))(views, obs))
+
+
+def test_policy_form_auto_and_bad_form():
+    """``form="auto"`` writes a tiny policy per unit on CPU and keeps larger ones as vectors; a bad form is an
+    error that lists the valid ones."""
+    tiny = rl.Policy(obs_size=4, action_kind="discrete", action_dim=2, width=32, depth=1, layer_norm=False)
+    big = rl.Policy(obs_size=4, action_kind="discrete", action_dim=2, width=32, depth=2, layer_norm=False)
+    assert tiny.macs == 4 * 32 + 32 * 2 <= rl.Policy.UNITS_MAX_MACS < big.macs
+    assert tiny._form_now() == ("units" if jax.default_backend() == "cpu" else "vector")
+    assert big._form_now() == "vector"
+    with pytest.raises(ValueError, match="form='unit'.*'auto', 'vector' and 'units'"):
+        rl.Policy(obs_size=4, action_kind="discrete", action_dim=2, form="unit")
+
+
+def test_two_action_sampling_is_a_logistic_threshold():
+    """Two actions: the noise is a standard logistic draw (the logit of a uniform) and action 1 is taken iff
+    ``logit_1 + noise > logit_0`` (so with probability sigmoid(logit_1 - logit_0)); greedy ties give action 0."""
+    policy = rl.Policy(obs_size=1, action_kind="discrete", action_dim=2, width=4, depth=0)
+    params = {"hidden": [], "out": {"w": jnp.zeros((1, 2)), "b": jnp.array([0.3, -0.2])}}
+    act = jax.jit(lambda x: policy.act_with_noise(params, jnp.zeros(1), x, "stochastic"))
+    assert [int(act(jnp.float32(x))) for x in (0.49, 0.5, 0.51, -3.0, 3.0)] == [0, 0, 1, 0, 1]
+    noise = np.asarray(policy.action_noise(jax.random.key(0), (20000,)))
+    # standard logistic: mean 0, variance pi^2 / 3, P(x <= 1) = sigmoid(1)
+    assert abs(noise.mean()) < 0.04 and abs(noise.var() - np.pi ** 2 / 3) < 0.15
+    assert abs(np.mean(noise <= 1.0) - 1 / (1 + np.exp(-1.0))) < 0.01
+    tie = {"hidden": [], "out": {"w": jnp.zeros((1, 2)), "b": jnp.zeros(2)}}
+    assert int(policy.act_with_noise(tie, jnp.zeros(1), None, "greedy")) == 0
+
+
 def test_discrete_stochastic_and_greedy_actions():
     env = Countdown()
     policy = rl.Policy.for_adapter(env, width=4, depth=0)
@@ -375,9 +434,11 @@ def test_compare_evosax_script_prints_ratio_and_a_consistent_paired_difference()
     out = subprocess.run([sys.executable, str(script), "--population", "64", "--steps", "20", "--width", "8",
                           "--throughput-gens", "2", "--time-limit", "3", "--final-episodes", "32"],
                          capture_output=True, text=True, timeout=600, check=True).stdout
-    egg, evo = (float(x) for x in re.findall(r"(\d+\.\d+) gen/s", out))
-    ratio = float(re.search(r"ratio EGGROLL / Open_ES: (\d+\.\d+)x", out).group(1))
-    assert egg > 0 and evo > 0 and ratio == pytest.approx(egg / evo, abs=0.011)
+    egg, evo_flax, evo_esx = (float(x) for x in re.findall(r"(\d+\.\d+) gen/s", out))
+    ratios = [float(x) for x in re.findall(r"ratio EGGROLL / Open_ES \(.*\): +(\d+\.\d+)x", out)]
+    assert min(egg, evo_flax, evo_esx) > 0 and len(ratios) == 2
+    assert ratios[0] == pytest.approx(egg / evo_flax, abs=0.011)
+    assert ratios[1] == pytest.approx(egg / evo_esx, abs=0.011)
     finals = [float(x) for x in re.findall(r"final policy over 32 episodes: (-?\d+\.\d+)", out)]
     paired = float(re.search(r"\(EGGROLL - Open_ES\): ([+-]\d+\.\d+) ±", out).group(1))
     assert len(finals) == 2 and paired == pytest.approx(finals[0] - finals[1], abs=0.11)
@@ -400,8 +461,8 @@ def test_compare_script_flax_policy_equals_the_esx_policy():
     adapter = rl.Gymnax("Pendulum-v1")
     for layer_norm in (False, True):
         policy = rl.Policy.for_adapter(adapter, width=16, depth=2, layer_norm=layer_norm)
-        flax_policy = script.FlaxPolicy(*[getattr(policy, f.name) for f in dataclasses.fields(policy)])
-        assert type(flax_policy).__name__ == "FlaxPolicy"
+        flax_policy = script.FlaxPolicy(**{f.name: getattr(policy, f.name) for f in dataclasses.fields(policy)})
+        assert type(flax_policy).__name__ == "FlaxPolicy" and flax_policy.form == "vector"
         params = policy.init(jax.random.key(0))
         obs = jax.random.normal(jax.random.key(1), (5, 3))
         np.testing.assert_allclose(np.asarray(jax.vmap(lambda o: flax_policy(params, o))(obs)),
