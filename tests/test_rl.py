@@ -389,6 +389,35 @@ def test_rollout_with_observe_equals_rollout_carrying_observations(name, mode):
     assert len(set(np.asarray(outs[0][1]).tolist())) > 1 or name == "Pendulum-v1"  # episodes of several lengths
 
 
+@pytest.mark.parametrize("name, mode, form", [("CartPole-v1", "stochastic", "units"),
+                                              ("Acrobot-v1", "stochastic", "vector"),
+                                              ("Pendulum-v1", "greedy", "units")])
+def test_carried_action_gives_the_same_rollout(name, mode, form):
+    """Computing each action at the end of the previous step and carrying it (``Policy.carry_action``, the
+    "units" form) gives bit-identical returns, lengths and moments to computing it at the top of the step."""
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Flipped(rl.Policy):
+        @property
+        def carry_action(self):
+            return not rl.Policy.carry_action.fget(self)
+
+    adapter = rl.Gymnax(name, max_steps=80)
+    policy = rl.Policy.for_adapter(adapter, width=8, depth=1, form=form)
+    flipped = Flipped(**{f.name: getattr(policy, f.name) for f in dataclasses.fields(policy)})
+    assert policy.carry_action == (form == "units") != flipped.carry_action
+    params = policy.init(jax.random.key(3))
+    params["out"]["w"] = params["out"]["w"] * 100.0
+    keys = jax.random.split(jax.random.key(4), 16)
+    outs = [jax.jit(jax.vmap(lambda k, p=p: rl.rollout(adapter, p, params, k, mode=mode)))(keys)
+            for p in (policy, flipped)]
+    for x, y in zip(jax.tree_util.tree_leaves(outs[0]), jax.tree_util.tree_leaves(outs[1])):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    if name == "CartPole-v1":  # episodes of several lengths: the freezing after the end is exercised too
+        assert len(set(np.asarray(outs[0][1]).tolist())) > 1
+
+
 def test_unknown_env_lists_valid_names():
     with pytest.raises(ValueError, match=r"unknown environment 'CartPol-v1' \(did you mean 'CartPole-v1'\?\).*"
                                          r"Breakout-MinAtar"):
