@@ -273,8 +273,9 @@ class Policy:
         """:func:`esx.prepare` before a rollout: full-rank leaves (biases, norm parameters) become plain arrays, so
         the per-step forward does not redo ``base + σ ε``, and rank > 1 matrices have their columns split once
         (:class:`esx.SplitLowRank`) instead of sliced at every step (rank 4, 2x64 policy, 200 steps: evaluation
-        15-20% faster; ``docs/rl.md``)."""
-        if self._form_now() == "units":
+        15-20% faster; ``docs/rl.md``). In the ``"units"`` form it splits the per-member factors, biases and
+        matrices into scalars instead (:class:`_UnitMatrix`), once, outside the loop."""
+        if self.resolved_form == "units":
             return {"hidden": [{k: (_split_units(v) if k == "w" else _split_vector(v)) for k, v in layer.items()}
                                for layer in params["hidden"]],
                     "out": {"w": _split_units(params["out"]["w"]), "b": _split_vector(params["out"]["b"])}}
@@ -286,7 +287,7 @@ class Policy:
         ``params``: plain parameters, a member view (:class:`esx.LowRank` / :class:`esx.Full` leaves) or either
         after :meth:`prepare`."""
         x = jnp.reshape(obs, (-1,)).astype(jnp.float32)
-        return self._units(params, x) if self._form_now() == "units" else self._vector(params, x)
+        return self._units(params, x) if self.resolved_form == "units" else self._vector(params, x)
 
     @property
     def carry_action(self) -> bool:
@@ -294,10 +295,12 @@ class Policy:
         ``"units"`` form: XLA:CPU otherwise recomputed the elementwise policy inside every fusion of the
         environment step that reads the action) rather than at the top of the step (``"vector"``: faster so,
         e.g. the ``cartpole`` config's generation 11.5 -> 10.1 ms)."""
-        return self._form_now() == "units"
+        return self.resolved_form == "units"
 
-    def _form_now(self) -> str:
-        """``form``, with ``"auto"`` resolved for the default backend (read when the forward is traced)."""
+    @property
+    def resolved_form(self) -> str:
+        """``form``, with ``"auto"`` resolved for JAX's default backend (``"units"`` or ``"vector"``; read when the
+        forward is traced)."""
         if self.form != "auto":
             return self.form
         return "units" if self.macs <= self.UNITS_MAX_MACS and jax.default_backend() == "cpu" else "vector"
@@ -411,8 +414,9 @@ def _unit_sum(xs: list) -> jax.Array:
 
 class _UnitMatrix(NamedTuple):
     """A matrix leaf split into scalars for the ``"units"`` form (made once, before a rollout's loop, by
-    :meth:`Policy.prepare`): ``w[k][j]``, the rank columns ``a[q][k]`` / ``b[q][j]`` and ``coef`` (``None`` and
-    empty columns for plain or per-member matrices)."""
+    :meth:`Policy.prepare`): ``w[k][j]`` (nested tuples of scalars; for a low-rank leaf its shared ``float[m, n]``
+    matrix, indexed the same way), the rank columns ``a[q][k]`` / ``b[q][j]`` and ``coef`` (``None`` and empty
+    columns for plain or per-member matrices)."""
 
     w: tuple
     a: tuple
@@ -590,13 +594,16 @@ def rollout(adapter: Adapter, policy: Policy, params: Any, key: jax.Array, stats
         ended = term | trunc | (t + 1 >= limit)
         # Freeze the environment once finished (only matters under vmap, where the loop runs for the slowest).
         env_next = jax.tree_util.tree_map(lambda a, b: jnp.where(done, a, b), env_state, env2)
-        obs_next = observe(env_next) if observe is not None else jnp.where(done, obs, obs2)
-        return (t + 1, None if observe is not None else obs_next, env_next,
-                act(obs_next, t + 1) if carried else None, done | ended,
-                ret + live * reward, n + live, s1 + live * d, s2 + live * jnp.square(d))
+        obs_next = None if observe is not None else jnp.where(done, obs, obs2)
+        action_next = None
+        if carried:
+            action_next = act(observe(env_next) if observe is not None else obs_next, t + 1)
+        return (t + 1, obs_next, env_next, action_next, done | ended, ret + live * reward, n + live,
+                s1 + live * d, s2 + live * jnp.square(d))
 
     init = (jnp.zeros((), jnp.int32), None if observe is not None else obs0, env0,
-            act(obs0, 0) if carried else None, jnp.zeros((), bool), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros, zeros)
+            act(obs0, 0) if carried else None, jnp.zeros((), bool), jnp.zeros((), jnp.float32),
+            jnp.zeros((), jnp.float32), zeros, zeros)
     t, _, _, _, _, ret, n, s1, s2 = lax.while_loop(cond, body, init)
     return ret, n.astype(jnp.int32), ObsMoments(n, s1, s2)
 

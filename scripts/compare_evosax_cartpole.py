@@ -99,7 +99,7 @@ def main(argv=None) -> None:
     print(f"{args.env}: MLP {sizes}{' with LayerNorm' if args.layer_norm else ''} ({n_params} parameters), "
           f"N={args.population}, {args.steps} steps, {args.episodes} episode(s) per member, {args.mode} actions, "
           f"σ={args.sigma}, {args.optimizer} lr={args.lr}, EGGROLL rank {args.rank}; rl.Policy form "
-          f"{policy._form_now()!r}; devices {jax.devices()}")
+          f"{policy.resolved_form!r}; devices {jax.devices()}")
 
     # --- EGGROLL -------------------------------------------------------------------------------------------------
     strategy = esx.eggroll(population_size=args.population, rank=args.rank, sigma=args.sigma, optimizer=opt,

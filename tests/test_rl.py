@@ -252,8 +252,8 @@ def test_policy_form_auto_and_bad_form():
     tiny = rl.Policy(obs_size=4, action_kind="discrete", action_dim=2, width=32, depth=1, layer_norm=False)
     big = rl.Policy(obs_size=4, action_kind="discrete", action_dim=2, width=32, depth=2, layer_norm=False)
     assert tiny.macs == 4 * 32 + 32 * 2 <= rl.Policy.UNITS_MAX_MACS < big.macs
-    assert tiny._form_now() == ("units" if jax.default_backend() == "cpu" else "vector")
-    assert big._form_now() == "vector"
+    assert tiny.resolved_form == ("units" if jax.default_backend() == "cpu" else "vector")
+    assert big.resolved_form == "vector"
     with pytest.raises(ValueError, match="form='unit'.*'auto', 'vector' and 'units'"):
         rl.Policy(obs_size=4, action_kind="discrete", action_dim=2, form="unit")
 
