@@ -391,6 +391,7 @@ def test_rollout_with_observe_equals_rollout_carrying_observations(name, mode):
 
 @pytest.mark.parametrize("name, mode, form", [("CartPole-v1", "stochastic", "units"),
                                               ("Acrobot-v1", "stochastic", "vector"),
+                                              ("Acrobot-v1", "stochastic", "units"),
                                               ("Pendulum-v1", "greedy", "units")])
 def test_carried_action_gives_the_same_rollout(name, mode, form):
     """Computing each action at the end of the previous step and carrying it (``Policy.carry_action``, the
