@@ -29,6 +29,10 @@ It prints
     python scripts/compare_evosax_cartpole.py --env Pendulum-v1 --population 512 --rank 4 --sigma 0.05 \\
         --optimizer adam --lr 0.01 --width 64 --depth 2 --layer-norm --episodes 2 --mode greedy \\
         --target inf --time-limit 900 --log-every 60 --final-episodes 1024
+    # the same with the paper's policy size (3x256, LayerNorm then ReLU): Open_ES's per-member weights grow with it
+    python scripts/compare_evosax_cartpole.py --env Pendulum-v1 --population 512 --rank 4 --sigma 0.05 \
+        --optimizer adam --lr 0.01 --width 256 --depth 3 --layer-norm --episodes 2 --mode greedy \
+        --target inf --time-limit 900 --log-every 60 --final-episodes 1024
 """
 from __future__ import annotations
 
@@ -56,7 +60,13 @@ def main(argv=None) -> None:
     p.add_argument("--sigma", type=float, default=0.2)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
-    p.add_argument("--noise-source", default="normal", help="EGGROLL's noise source, one of esx.noise.NOISE_SOURCES (default normal)")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="cosine: in the learning race both methods' learning rate is lr * (1 + cos(pi * t / T)) / 2, "
+                        "t the race's wall-clock seconds so far (compilation included), T = --time-limit: the same "
+                        "schedule in seconds for both, so the faster method takes more, smaller steps; set on the "
+                        "host every 5 generations through optax.inject_hyperparams (the throughput part uses lr)")
+    p.add_argument("--noise-source", default="normal",
+                   help="EGGROLL's noise source, one of esx.noise.NOISE_SOURCES (default normal)")
     p.add_argument("--mode", choices=["greedy", "stochastic"], default="stochastic")
     p.add_argument("--throughput-gens", type=int, default=6, help="timed generations per method")
     p.add_argument("--target", type=float, default=475.0)
@@ -92,14 +102,20 @@ def main(argv=None) -> None:
     flax_policy = FlaxPolicy(**{f.name: getattr(policy, f.name) for f in dataclasses.fields(policy)})
     evo_policies = {"flax": flax_policy, "esx": policy}
     evo_policy = evo_policies[args.open_es_policy]
-    opt = optax.sgd(args.lr) if args.optimizer == "sgd" else optax.adam(args.lr)
+    opt = optax.sgd if args.optimizer == "sgd" else optax.adam
+    scheduled = args.lr_schedule != "constant"
+    # With a schedule the learning rate lives in the optimizer state (optax.inject_hyperparams) and each
+    # generation sets it; otherwise the plain optimizer, and the `lr` argument of the generation is ignored.
+    opt = optax.inject_hyperparams(opt)(learning_rate=args.lr) if scheduled else opt(args.lr)
+    with_lr = set_learning_rate if scheduled else (lambda opt_state, lr: opt_state)
     evaluate_greedy = rl.make_evaluator(race_adapter, policy, episodes=32)
     evaluate_final = rl.make_evaluator(race_adapter, policy, episodes=args.final_episodes)
     sizes = "->".join(str(d) for d in [policy.obs_size] + [args.width] * args.depth + [policy.action_dim])
     print(f"{args.env}: MLP {sizes}{' with LayerNorm' if args.layer_norm else ''} ({n_params} parameters), "
           f"N={args.population}, {args.steps} steps, {args.episodes} episode(s) per member, {args.mode} actions, "
-          f"σ={args.sigma}, {args.optimizer} lr={args.lr}, EGGROLL rank {args.rank}; rl.Policy form "
-          f"{policy.resolved_form!r}; devices {jax.devices()}")
+          f"σ={args.sigma}, {args.optimizer} lr={args.lr}"
+          f"{' (cosine to 0 over the race time limit, in seconds)' if scheduled else ''}, EGGROLL rank {args.rank}; "
+          f"rl.Policy form {policy.resolved_form!r}; devices {jax.devices()}")
 
     # --- EGGROLL -------------------------------------------------------------------------------------------------
     strategy = esx.eggroll(population_size=args.population, rank=args.rank, sigma=args.sigma, optimizer=opt,
@@ -110,7 +126,8 @@ def main(argv=None) -> None:
                                   episodes=args.episodes, stop_early=stop_early)
 
         @jax.jit
-        def gen(state):
+        def gen(state, lr):
+            state = state.replace(opt_state=with_lr(state.opt_state, lr))
             key = jax.random.fold_in(jax.random.key(args.seed + 1), state.generation)
             f, _ = strategy.evaluate(state, fitness, key, stats, has_aux=True)
             return strategy.tell(state, f)
@@ -127,8 +144,9 @@ def main(argv=None) -> None:
                                   episodes=args.episodes, stop_early=stop_early)
 
         @jax.jit
-        def gen(carry):
+        def gen(carry, lr):
             state, g = carry
+            state = state.replace(opt_state=with_lr(state.opt_state, lr))
             key = jax.random.fold_in(jax.random.key(args.seed + 1), g)
             k_ask, k_eval, k_tell = jax.random.split(key, 3)
             population, state = es.ask(k_ask, state, es_params)
@@ -155,7 +173,7 @@ def main(argv=None) -> None:
     states, compile_s, times = {}, {}, {name: [] for name in gens}
 
     def call(name, state):
-        out = gens[name][0](state)
+        out = gens[name][0](state, args.lr)
         return jax.block_until_ready(out[0] if name == "esx EGGROLL" else out)
 
     for name, (_, init) in gens.items():
@@ -191,10 +209,12 @@ def main(argv=None) -> None:
     def race(name, init, gen, params_of, gen_of):
         t0 = time.perf_counter()
         state = init()
-        g, value, best, next_log = 0, -np.inf, -np.inf, args.log_every
+        g, value, best, next_log, lr = 0, -np.inf, -np.inf, args.log_every, args.lr
         while True:
+            if scheduled:
+                lr = cosine_lr(args.lr, time.perf_counter() - t0, args.time_limit)
             for _ in range(5):
-                state = gen(state)
+                state = gen(state, lr)
                 state = state[0] if name == "esx EGGROLL" else state
             g += 5
             value = float(evaluate_greedy(params_of(state), jax.random.key(g), stats).mean())
@@ -202,7 +222,7 @@ def main(argv=None) -> None:
             elapsed = time.perf_counter() - t0
             if args.log_every > 0 and elapsed >= next_log:
                 print(f"    {name:<16} {elapsed:7.1f} s  generation {g:5d}  greedy return {value:8.1f}  "
-                      f"(best so far {best:.1f})", flush=True)
+                      f"(best so far {best:.1f}){f'  lr {lr:.2e}' if scheduled else ''}", flush=True)
                 next_log += args.log_every * (1 + (elapsed - next_log) // args.log_every)
             if value >= args.target or elapsed > args.time_limit:
                 break
@@ -232,6 +252,17 @@ def main(argv=None) -> None:
     print(f"  final policies, paired by episode seed (EGGROLL - Open_ES): {d.mean():+.2f} ± "
           f"{d.std(ddof=1) / np.sqrt(d.size):.2f} (s.e.); EGGROLL better in {int(np.sum(d > 0))}, worse in "
           f"{int(np.sum(d < 0))} of {d.size} episodes")
+
+
+def cosine_lr(lr: float, elapsed: float, limit: float) -> float:
+    """``lr * (1 + cos(pi * min(elapsed / limit, 1))) / 2``: ``lr`` at 0 s, ``lr / 2`` at half the limit, 0 after."""
+    return lr * 0.5 * (1.0 + float(np.cos(np.pi * min(elapsed / limit, 1.0))))
+
+
+def set_learning_rate(opt_state, lr):
+    """``opt_state`` of an ``optax.inject_hyperparams(...)`` optimizer with its learning rate replaced by ``lr``
+    (a float or a traced float32 scalar): the next update uses it, with the moments (e.g. Adam's) untouched."""
+    return opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": jnp.asarray(lr, jnp.float32)})
 
 
 def breakdown(args, strategy, es, es_params, adapter, policy, evo_policy, stats, egg_state, evo_state) -> None:

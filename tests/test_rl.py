@@ -497,3 +497,52 @@ def test_compare_script_flax_policy_equals_the_esx_policy():
         obs = jax.random.normal(jax.random.key(1), (5, 3))
         np.testing.assert_allclose(np.asarray(jax.vmap(lambda o: flax_policy(params, o))(obs)),
                                    np.asarray(jax.vmap(lambda o: policy(params, o))(obs)), rtol=1e-5, atol=1e-6)
+
+
+def test_compare_script_learning_rate_schedule_reaches_both_optimizers():
+    """``--lr-schedule cosine``: the wall-clock cosine values, and the learning rate set in an
+    ``optax.inject_hyperparams`` state (inside jit) is the one the next update uses, for esx's EGGROLL and for
+    evosax's Open_ES: lr 0 leaves the mean where it is; lr 0.003 equals a plain ``optax.adam(0.003)`` step."""
+    import importlib.util
+    import pathlib
+
+    import jax.flatten_util
+
+    ea = pytest.importorskip("evosax.algorithms")
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "compare_evosax_cartpole.py"
+    spec = importlib.util.spec_from_file_location("compare_evosax_cartpole", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.cosine_lr(0.01, 0.0, 10.0) == pytest.approx(0.01)
+    assert script.cosine_lr(0.01, 5.0, 10.0) == pytest.approx(0.005)
+    assert script.cosine_lr(0.01, 2.5, 10.0) == pytest.approx(0.005 * (1 + np.sqrt(0.5)))
+    assert script.cosine_lr(0.01, 10.0, 10.0) == pytest.approx(0.0, abs=1e-12)
+    assert script.cosine_lr(0.01, 30.0, 10.0) == pytest.approx(0.0, abs=1e-12)
+
+    params0 = {"w": jnp.arange(6.0).reshape(2, 3) / 6, "b": jnp.ones(3)}
+    fitness = jax.random.normal(jax.random.key(2), (8,))
+    injected = optax.inject_hyperparams(optax.adam)(learning_rate=0.01)
+
+    def esx_step(optimizer, lr=None):
+        strategy = esx.eggroll(population_size=8, rank=1, sigma=0.1, optimizer=optimizer)
+        state = strategy.init(jax.random.key(0), params0)
+        if lr is not None:
+            state = jax.jit(lambda s, v: s.replace(opt_state=script.set_learning_rate(s.opt_state, v)))(state, lr)
+        return strategy.tell(state, fitness)[0].params
+
+    def evo_step(optimizer, lr=None):
+        es = ea.Open_ES(population_size=8, solution=params0, optimizer=optimizer,
+                        std_schedule=optax.constant_schedule(0.1))
+        state = es.init(jax.random.key(0), params0, es.default_params)
+        population, state = es.ask(jax.random.key(1), state, es.default_params)
+        if lr is not None:
+            state = jax.jit(lambda s, v: s.replace(opt_state=script.set_learning_rate(s.opt_state, v)))(state, lr)
+        return es.tell(jax.random.key(3), population, fitness, state, es.default_params)[0].mean
+
+    for step, start in ((esx_step, lambda: params0), (evo_step, lambda: jax.flatten_util.ravel_pytree(params0)[0])):
+        frozen, moved, reference = step(injected, 0.0), step(injected, 0.003), step(optax.adam(0.003))
+        for a, b in zip(jax.tree_util.tree_leaves(frozen), jax.tree_util.tree_leaves(start())):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        for a, b, c in zip(*(jax.tree_util.tree_leaves(x) for x in (moved, reference, start()))):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+            assert np.max(np.abs(np.asarray(a) - np.asarray(c))) > 1e-3  # it did move (adam: ~lr per entry)
