@@ -21,6 +21,7 @@ It prints
    until the greedy policy's mean return over 32 episodes reaches ``--target`` (checked every 5 generations), or
    the value reached when ``--time-limit`` runs out; then both final policies are scored on the same
    ``--final-episodes`` seeds, and the mean of the per-seed differences is printed with its standard error.
+   ``--lr-schedule cosine`` anneals both methods' learning rate by the same cosine of the race's wall-clock time.
 
     python scripts/compare_evosax_cartpole.py                         # CartPole-v1, N=4096, 200 steps
     python scripts/compare_evosax_cartpole.py --mode greedy --noise-source hash   # argmax actions, hash noise
@@ -30,8 +31,8 @@ It prints
         --optimizer adam --lr 0.01 --width 64 --depth 2 --layer-norm --episodes 2 --mode greedy \\
         --target inf --time-limit 900 --log-every 60 --final-episodes 1024
     # the same with the paper's policy size (3x256, LayerNorm then ReLU): Open_ES's per-member weights grow with it
-    python scripts/compare_evosax_cartpole.py --env Pendulum-v1 --population 512 --rank 4 --sigma 0.05 \
-        --optimizer adam --lr 0.01 --width 256 --depth 3 --layer-norm --episodes 2 --mode greedy \
+    python scripts/compare_evosax_cartpole.py --env Pendulum-v1 --population 512 --rank 4 --sigma 0.05 \\
+        --optimizer adam --lr 0.01 --width 256 --depth 3 --layer-norm --episodes 2 --mode greedy \\
         --target inf --time-limit 900 --log-every 60 --final-episodes 1024
 """
 from __future__ import annotations
