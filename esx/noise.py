@@ -50,6 +50,39 @@ from jax import lax
 NOISE_SOURCES = ("normal", "rademacher", "table", "hash", "binomial")
 TABLE_SEED = 0x5EED
 
+#: The named streams of a run key (see :func:`stream_key`). The numbers are the ``fold_in`` data of each stream;
+#: they are fixed forever (changing one changes every run's numbers). ``data`` feeds the fitness of generation
+#: ``g`` (environment seeds, sampling, problem draws), ``noise`` is the strategy's base key (``strategy.init``),
+#: ``eval`` the evaluations of the unperturbed parameters, ``params`` the initial parameters.
+STREAMS = {"data": 0, "noise": 1, "eval": 2, "params": 3}
+
+
+def stream_key(run_key: jax.Array, name: str, generation: jax.Array | int | None = None) -> jax.Array:
+    """The key of stream ``name`` of a run: ``fold_in(run_key, STREAMS[name])``, then ``fold_in(·, generation)``
+    when a generation is given (``data`` and ``eval`` are per generation; ``noise`` and ``params`` are not).
+
+    Every random draw of a run derives from one run key through this function, so the streams are disjoint by
+    construction: the noise of a member is drawn from ``fold_in`` chains below ``stream_key(run_key, "noise")``
+    (:func:`member_key`), which never meet the chains below ``"data"`` or ``"eval"``.
+
+    Args:
+      run_key: the run's key, ``jax.random.key(seed)``.
+      name: one of :data:`STREAMS`.
+      generation: ``int32[]`` (or a Python int) for the per-generation streams.
+
+    Returns:
+      a PRNG key.
+
+    Raises:
+      ValueError: an unknown stream name.
+    """
+    if name not in STREAMS:
+        raise ValueError(f"stream {name!r}; valid streams are {sorted(STREAMS)}")
+    key = jax.random.fold_in(run_key, STREAMS[name])
+    if generation is not None:
+        key = jax.random.fold_in(key, jnp.asarray(generation).astype(jnp.uint32))
+    return key
+
 
 def leaf_id(path: str) -> int:
     """Stable 31-bit identity of a leaf, derived from its path string (never from its position)."""
