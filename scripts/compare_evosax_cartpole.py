@@ -25,7 +25,7 @@ It prints
 
     python scripts/compare_evosax_cartpole.py                         # CartPole-v1, N=4096, 200 steps
     python scripts/compare_evosax_cartpole.py --mode greedy --noise-source hash   # argmax actions, hash noise
-    # Pendulum-v1 with the named config `pendulum` (esx/configs.py): N=512, rank 4, σ 0.05, Adam 0.01, 2x64 MLP
+    # Pendulum-v1 with the named config `pendulum` (esx_envs/configs.py): N=512, rank 4, σ 0.05, Adam 0.01, 2x64 MLP
     # with LayerNorm, 2 greedy episodes per member; a fixed 15-minute budget per method (target inf: never stops early)
     python scripts/compare_evosax_cartpole.py --env Pendulum-v1 --population 512 --rank 4 --sigma 0.05 \\
         --optimizer adam --lr 0.01 --width 64 --depth 2 --layer-norm --episodes 2 --mode greedy \\

@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import esx  # noqa: E402
 from esx import int_eggroll as ie  # noqa: E402
-from esx_envs import egg, float_twin, text_data  # noqa: E402
+from esx_envs import egg  # noqa: E402
+from esx_envs.egg import float_twin, text_data  # noqa: E402
 
 
 def run_int(config, split, *, population, group_size, streams, length, alpha, alpha_decay, seed=0,

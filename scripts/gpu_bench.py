@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 import esx
-from esx import bench
+from esx_envs import bench
 
 OUT = os.environ.get("OUT", ".")
 REPEATS = int(os.environ.get("REPEATS", "15"))

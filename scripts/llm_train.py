@@ -20,8 +20,11 @@ import sys
 import time
 
 
-from esx_envs.llm import driver as llm_driver
+from esx_envs.llm import task as llm_driver
 from esx_envs.llm import es, grpo
+from esx_envs.llm.config import LLMConfig
+
+D = LLMConfig()  # the one set of LLM defaults (esx train llm-* uses the same class)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,23 +43,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format-weight", type=float, default=0.0, help="add this times the format reward")
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget for training")
     p.add_argument("--generations", type=int, default=1000, help="maximum generations / GRPO steps")
-    p.add_argument("--val-size", type=int, default=32)
+    p.add_argument("--val-size", type=int, default=D.val_size)
     p.add_argument("--val-every", type=int, default=0, help="validate every k generations (0: only before/after)")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--system-prompt", default="default",
+    p.add_argument("--max-new-tokens", type=int, default=D.max_new_tokens)
+    p.add_argument("--system-prompt", default=D.system_prompt,
                    help="the prompt's system turn: 'default' (the <think>/<answer> instructions), 'none', or a text")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log", default=None, help="JSONL log file")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     es_g = p.add_argument_group("EGGROLL")
-    es_g.add_argument("--population", type=int, default=32)
-    es_g.add_argument("--group-size", type=int, default=8, help="members per prompt")
-    es_g.add_argument("--prompts-per-member", type=int, default=1)
-    es_g.add_argument("--sigma", type=float, default=1e-3)
-    es_g.add_argument("--rank", type=int, default=1)
-    es_g.add_argument("--lr", type=float, default=None, help="default: es 2e-4 (adam), grpo 1e-5")
-    es_g.add_argument("--optimizer", choices=("sgd", "adam"), default="adam")
-    es_g.add_argument("--generations-per-prompt", type=int, default=1)
+    es_g.add_argument("--population", type=int, default=D.population_size)
+    es_g.add_argument("--group-size", type=int, default=D.group_size, help="members per prompt")
+    es_g.add_argument("--prompts-per-member", type=int, default=D.prompts_per_member)
+    es_g.add_argument("--sigma", type=float, default=D.sigma)
+    es_g.add_argument("--rank", type=int, default=D.rank)
+    es_g.add_argument("--lr", type=float, default=None, help=f"default: es {D.learning_rate:g} ({D.optimizer}), grpo 1e-5")
+    es_g.add_argument("--optimizer", choices=("sgd", "adam"), default=D.optimizer)
+    es_g.add_argument("--generations-per-prompt", type=int, default=D.generations_per_prompt)
     es_g.add_argument("--temperature", type=float, default=None, help="default: es 0 (greedy), grpo 1.0")
     gr = p.add_argument_group("GRPO")
     gr.add_argument("--prompts-per-step", type=int, default=4)
@@ -78,19 +81,20 @@ def main(argv=None) -> dict:
           flush=True)
     val_problems = llm_driver.validation_problems(task, args.seed, args.val_size)
     if args.method == "es":
-        config = es.ESConfig(
-            population_size=args.population, group_size=args.group_size, prompts_per_member=args.prompts_per_member,
-            sigma=args.sigma, rank=args.rank, learning_rate=args.lr if args.lr is not None else 2e-4,
-            optimizer=args.optimizer, generations_per_prompt=args.generations_per_prompt,
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature or 0.0,
-            format_weight=args.format_weight, system=llm_driver.system_prompt(args))
+        config = LLMConfig(
+            model=args.model, population_size=args.population, group_size=args.group_size,
+            prompts_per_member=args.prompts_per_member, sigma=args.sigma, rank=args.rank,
+            learning_rate=args.lr if args.lr is not None else D.learning_rate, optimizer=args.optimizer,
+            generations_per_prompt=args.generations_per_prompt, max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature or 0.0, format_weight=args.format_weight, system_prompt=args.system_prompt,
+            seed=args.seed)
         trainer = es.ESTrainer(cfg=cfg, params=params, tokenizer=tok, task=task, config=config, seed=args.seed)
     else:
         config = grpo.GRPOConfig(
             prompts_per_step=args.prompts_per_step, group_size=args.samples_per_prompt,
             learning_rate=args.lr if args.lr is not None else 1e-5, clip_eps=args.clip_eps,
             inner_steps=args.inner_steps, temperature=args.temperature or 1.0, max_new_tokens=args.max_new_tokens,
-            format_weight=args.format_weight, system=llm_driver.system_prompt(args))
+            format_weight=args.format_weight, system=D.replace(system_prompt=args.system_prompt).system)
         trainer = grpo.GRPOTrainer(cfg=cfg, params=params, tokenizer=tok, task=task, config=config, seed=args.seed)
     log = open(args.log, "w") if args.log else None
 

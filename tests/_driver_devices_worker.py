@@ -4,10 +4,10 @@ import sys
 
 import numpy as np
 
-from esx import driver
-from esx.configs import TrainConfig
+from esx import run
+from esx_envs.rl import RLConfig
 
-TINY = TrainConfig(name="tiny", env="CartPole-v1", seed=3, generations=6, population_size=16, rank=2, sigma=0.2,
+TINY = RLConfig(name="tiny", env="CartPole-v1", seed=3, generations=6, population_size=16, rank=2, sigma=0.2,
                    width=8, depth=1, layer_norm=False, max_steps=40, obs_norm=True, chunk=2, eval_every=3,
                    eval_episodes=4, final_eval_episodes=4, checkpoint_every=2)
 
@@ -23,28 +23,27 @@ def main(tmp: str) -> None:
     import dataclasses
 
     quiet = dict(progress=False, log=lambda s: None)
-    one = driver.train(TINY, f"{tmp}/one", **quiet)
-    four = driver.train(dataclasses.replace(TINY, devices=4), f"{tmp}/four", **quiet)
+    one = run.train(TINY, f"{tmp}/one", **quiet)
+    four = run.train(dataclasses.replace(TINY, devices=4), f"{tmp}/four", **quiet)
     # Saved on 4 devices at generation 2, resumed on 1; saved on 1 at 4, resumed on all (4).
-    driver.train(dataclasses.replace(TINY, devices=4), f"{tmp}/mixed", callback=interrupt_at(2), **quiet)
-    driver.train(TINY, f"{tmp}/mixed", resume=True, callback=interrupt_at(4), **quiet)
-    mixed = driver.train(dataclasses.replace(TINY, devices=0), f"{tmp}/mixed", resume=True, **quiet)
-    reduce = driver.train(dataclasses.replace(TINY, devices=4, placement="reduce"), f"{tmp}/reduce", **quiet)
-    ref = driver._to_host(one.state)
-    same = lambda r: all(np.array_equal(a, b) for a, b in zip(ref, driver._to_host(r.state)))
+    run.train(dataclasses.replace(TINY, devices=4), f"{tmp}/mixed", callback=interrupt_at(2), **quiet)
+    run.train(TINY, f"{tmp}/mixed", resume=True, callback=interrupt_at(4), **quiet)
+    mixed = run.train(dataclasses.replace(TINY, devices=0), f"{tmp}/mixed", resume=True, **quiet)
+    reduce = run.train(dataclasses.replace(TINY, devices=4, placement="reduce"), f"{tmp}/reduce", **quiet)
+    ref = run.checkpoint._to_host(one.state)
+    same = lambda r: all(np.array_equal(a, b) for a, b in zip(ref, run.checkpoint._to_host(r.state)))
     relf = lambda r: max(float(np.max(np.abs(a - b)) / (np.max(np.abs(a)) + 1e-30))
-                         for a, b in zip(ref, driver._to_host(r.state)) if np.issubdtype(a.dtype, np.floating))
+                         for a, b in zip(ref, run.checkpoint._to_host(r.state)) if np.issubdtype(a.dtype, np.floating))
     rel = relf(reduce)
     try:
-        driver.make_setup(dataclasses.replace(TINY, devices=3))
+        run.make_setup(dataclasses.replace(TINY, devices=3))
         indivisible = "no error"
     except ValueError as e:
         indivisible = str(e)
     print(json.dumps({"indivisible": indivisible, "four_equals_one": same(four), "mixed_equals_one": same(mixed),
                       "four_rel": relf(four), "mixed_rel": relf(mixed),
                       "generation": int(mixed.state.es.generation), "reduce_rel": rel,
-                      "moved": not np.array_equal(ref[0], driver._to_host(driver.init_state(
-                          driver.make_setup(TINY)))[0])}))
+                      "moved": not np.array_equal(ref[0], run.checkpoint._to_host(run.make_setup(TINY).initial_state())[0])}))
 
 
 if __name__ == "__main__":

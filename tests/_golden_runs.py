@@ -75,10 +75,11 @@ def step_int() -> str:
 
 
 def _train(name: str, **overrides) -> str:
-    from esx import configs, driver
+    from esx import run
+    from esx_envs import configs
 
     config = configs.apply_overrides(configs.get_config(name), overrides)
-    result = driver.train(config, None, progress=False, log=lambda s: None)
+    result = run.train(config, None, progress=False, log=lambda s: None)
     return digest(result.state)
 
 

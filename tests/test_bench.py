@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from esx import bench
+from esx_envs import bench
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,6 @@ def test_import_esx_does_not_import_evosax_or_psutil():
     import subprocess
     import sys
 
-    code = "import sys, esx, esx.bench; print('evosax' in sys.modules, 'psutil' in sys.modules)"
+    code = "import sys, esx, esx_envs.bench; print('evosax' in sys.modules, 'psutil' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from esx import cli, configs
-from esx.configs import ConfigError
+from esx_envs import cli, configs
+from esx.run import ConfigError
 
 # Matches tests/test_driver.py's TINY config so the compiled setup is shared within one pytest process.
 TINY_OVERRIDES = ["seed=3", "generations=8", "population_size=16", "rank=2", "sigma=0.2", "width=8", "depth=1",
@@ -79,7 +79,7 @@ def test_help_lists_configs_and_fields(capsys):
     out = capsys.readouterr().out
     for name in configs.CONFIGS:
         assert name in out
-    for field in configs.field_names():
+    for field in configs.field_names(configs.RLConfig):
         assert field in out
     assert "field=value" in out
 
@@ -103,9 +103,9 @@ def test_train_eval_resume_through_cli(tmp_path, capsys):
     assert cli.main(["train", "cartpole", *TINY_OVERRIDES, "--run-dir", str(run_dir), "--no-progress"]) == 2
     assert "already holds a run" in capsys.readouterr().err
     # a corrupt newest checkpoint: clear error naming the intact previous one, which survives
-    from esx import driver
+    from esx import run
 
-    previous, newest = driver.list_checkpoints(run_dir)
+    previous, newest = run.list_checkpoints(run_dir)
     (newest / "meta.json").write_text("{trunc")
     assert cli.main(["eval", str(run_dir)]) == 2
     err = capsys.readouterr().err
@@ -115,7 +115,7 @@ def test_train_eval_resume_through_cli(tmp_path, capsys):
 def test_console_script_runs(tmp_path):
     """The installed ``esx`` entry point: an error exits with status 2 and no traceback."""
     exe = Path(sys.executable).with_name("esx")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "esx.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "esx_envs.cli"]
     out = subprocess.run([*cmd, "train", "nope"], capture_output=True, text=True, cwd=tmp_path,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert out.returncode == 2 and "valid configs are" in out.stderr and "Traceback" not in out.stderr
@@ -127,7 +127,7 @@ def test_devices_all_gives_the_cpu_one_device_per_core(tmp_path):
     cores = len(os.sched_getaffinity(0))
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
-    base = [sys.executable, "-m", "esx.cli", "train", "cartpole", *TINY_OVERRIDES, "generations=2", "eval_every=2"]
+    base = [sys.executable, "-m", "esx_envs.cli", "train", "cartpole", *TINY_OVERRIDES, "generations=2", "eval_every=2"]
     auto = subprocess.run([*base, "--devices", "all", "--no-progress", "--run-dir", str(tmp_path / "auto"),
                            f"population_size={16 * cores}"], capture_output=True, text=True, env=env, timeout=600)
     assert auto.returncode == 0, auto.stderr

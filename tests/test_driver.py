@@ -11,20 +11,20 @@ import jax
 import numpy as np
 import pytest
 
-from esx import driver
-from esx.configs import TrainConfig
+from esx import run
+from esx_envs.rl import RLConfig
 
 # One tiny config shared by the tests (make_setup is memoised on it: one compile per process).
-TINY = TrainConfig(name="tiny", env="CartPole-v1", seed=3, generations=8, population_size=16, rank=2, sigma=0.2,
+TINY = RLConfig(name="tiny", env="CartPole-v1", seed=3, generations=8, population_size=16, rank=2, sigma=0.2,
                    width=8, depth=1, layer_norm=False, max_steps=40, obs_norm=True, chunk=2, eval_every=4,
                    eval_episodes=4, final_eval_episodes=4, checkpoint_every=2)
 
 
-def leaves(state: driver.DriverState) -> list[np.ndarray]:
-    return driver._to_host(state)
+def leaves(state: run.RunState) -> list[np.ndarray]:
+    return run.checkpoint._to_host(state)
 
 
-def assert_identical(a: driver.DriverState, b: driver.DriverState) -> None:
+def assert_identical(a: run.RunState, b: run.RunState) -> None:
     la, lb = leaves(a), leaves(b)
     assert len(la) == len(lb)
     for x, y in zip(la, lb):
@@ -35,7 +35,7 @@ def assert_identical(a: driver.DriverState, b: driver.DriverState) -> None:
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("full") / "run"
-    return driver.train(TINY, run_dir, progress=False, tensorboard=True)
+    return run.train(TINY, run_dir, progress=False, tensorboard=True)
 
 
 def read_tensorboard(run_dir: Path) -> tuple[dict, int]:
@@ -72,27 +72,27 @@ def _interrupt_at(generation):
 
 def test_resume_is_bit_identical(full_run, tmp_path):
     run_dir = tmp_path / "run"
-    part = driver.train(TINY, run_dir, progress=False, callback=_interrupt_at(4), log=lambda s: None)
+    part = run.train(TINY, run_dir, progress=False, callback=_interrupt_at(4), log=lambda s: None)
     assert part.interrupted and part.state.generation == 4
-    assert driver.list_checkpoints(run_dir)[-1].name == "gen_00000004"
-    resumed = driver.train(TINY, run_dir, resume=True, progress=False, log=lambda s: None)
+    assert run.list_checkpoints(run_dir)[-1].name == "gen_00000004"
+    resumed = run.train(TINY, run_dir, resume=True, progress=False, log=lambda s: None)
     assert resumed.state.generation == 8 and not resumed.interrupted
     assert_identical(resumed.state, full_run.state)
-    assert float(resumed.state.obs_stats.count) > 0  # observation statistics are part of the compared state
+    assert float(resumed.state.carry.count) > 0  # observation statistics are part of the compared state
     # the metrics log holds each generation once, as the uninterrupted run's
-    recs = [r for r in driver.read_metrics(run_dir) if r["kind"] == "train"]
-    full = [r for r in driver.read_metrics(full_run.run_dir) if r["kind"] == "train"]
+    recs = [r for r in run.read_metrics(run_dir) if r["kind"] == "train"]
+    full = [r for r in run.read_metrics(full_run.run_dir) if r["kind"] == "train"]
     assert [r["generation"] for r in recs] == list(range(1, 9))
     assert [r["return_mean"] for r in recs] == [r["return_mean"] for r in full]
-    assert [r["generation"] for r in driver.read_metrics(run_dir) if r["kind"] == "final"] == [8]
+    assert [r["generation"] for r in run.read_metrics(run_dir) if r["kind"] == "final"] == [8]
 
 
 def test_tensorboard_scalars_match_metrics_and_resume_purges(full_run, tmp_path):
     scalars, count = read_tensorboard(full_run.run_dir)
-    recs = driver.read_metrics(full_run.run_dir)
+    recs = run.read_metrics(full_run.run_dir)
     for r in recs:  # every numeric field of every record (but wall_time), as float32, at its generation
         for k, v in r.items():
-            if k not in driver._NOT_SCALARS and isinstance(v, (int, float)) and not isinstance(v, bool):
+            if k not in run.records._NOT_SCALARS and isinstance(v, (int, float)) and not isinstance(v, bool):
                 assert scalars[f"{r['kind']}/{k}"][r["generation"]] == np.float32(v), (r["kind"], k)
     assert sorted(scalars["train/return_mean"]) == list(range(1, 9)) and "train/wall_time" not in scalars
     assert sorted(scalars["eval/eval_return_mean"]) == [4, 8] and sorted(scalars["final/eval_return_mean"]) == [8]
@@ -100,26 +100,26 @@ def test_tensorboard_scalars_match_metrics_and_resume_purges(full_run, tmp_path)
     # event file's purge step hides the first segment's 7 and 8.
     run_dir = tmp_path / "run"
     shutil.copytree(full_run.run_dir, run_dir)
-    shutil.rmtree(driver.list_checkpoints(run_dir)[-1])
-    resumed = driver.train(TINY, run_dir, resume=True, progress=False, tensorboard=True, log=lambda s: None)
+    shutil.rmtree(run.list_checkpoints(run_dir)[-1])
+    resumed = run.train(TINY, run_dir, resume=True, progress=False, tensorboard=True, log=lambda s: None)
     assert_identical(resumed.state, full_run.state)
     again, count_again = read_tensorboard(run_dir)
     assert again == scalars
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2
     assert count_again > count  # generations 7 and 8 were written twice; the purge is what makes them equal
     with pytest.raises(ValueError, match="run_dir"):
-        driver.train(TINY, None, progress=False, tensorboard=True)
+        run.train(TINY, None, progress=False, tensorboard=True)
 
 
 def test_chunk_boundaries_do_not_change_results(full_run):
-    setup = driver.make_setup(TINY)
-    state = driver.init_state(setup)
+    setup = run.make_setup(TINY)
+    state = setup.initial_state()
     means = []
     for length in (1, 2, 1, 2, 2):  # boundaries unlike the full run's (2, 2, 2, 2)
         state, metrics = setup.run_chunk(state, length)
         means += [float(x) for x in metrics.fitness_mean]
     assert_identical(state, full_run.state)
-    full = [r["return_mean"] for r in driver.read_metrics(full_run.run_dir) if r["kind"] == "train"]
+    full = [r["return_mean"] for r in run.read_metrics(full_run.run_dir) if r["kind"] == "train"]
     assert means == full
 
 
@@ -127,27 +127,27 @@ def test_run_dir_contents(full_run):
     run_dir = full_run.run_dir
     for name in ("metrics.jsonl", "metrics.csv", "learning_curve.png", "config.json", "summary.json", "run.json"):
         assert (run_dir / name).exists(), name
-    recs = driver.read_metrics(run_dir)
+    recs = run.read_metrics(run_dir)
     assert [r["generation"] for r in recs if r["kind"] == "eval"] == [4, 8]
     finals = [r for r in recs if r["kind"] == "final"]  # the end-of-run evaluation is logged too, once
     assert len(finals) == 1 and finals[0]["generation"] == 8
-    assert finals[0]["eval_return_mean"] == pytest.approx(full_run.final_return)
+    assert finals[0]["eval_return_mean"] == pytest.approx(full_run.final_score)
     csv = (run_dir / "metrics.csv").read_text().splitlines()
     assert csv[0].startswith("generation,return_mean") and len(csv) == 9
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["generation"] == 8 and summary["final_greedy_return_mean"] == pytest.approx(
-        full_run.final_return)
+    assert summary["generation"] == 8 and summary["final_eval_return_mean"] == pytest.approx(
+        full_run.final_score)
     assert (run_dir / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
     # the config travels with the checkpoint and matches config.json
-    meta = json.loads((driver.list_checkpoints(run_dir)[-1] / "meta.json").read_text())
+    meta = json.loads((run.list_checkpoints(run_dir)[-1] / "meta.json").read_text())
     assert meta["config"] == {"kind": "rl", **dataclasses.asdict(TINY)} == json.loads(
         (run_dir / "config.json").read_text())
-    assert len(driver.list_checkpoints(run_dir)) == 2  # the newest two are kept
+    assert len(run.list_checkpoints(run_dir)) == 2  # the newest two are kept
 
 
 def test_checkpoint_round_trip(full_run):
-    path = driver.list_checkpoints(full_run.run_dir)[-1]
-    state, meta = driver.load_checkpoint(path, driver.init_state(driver.make_setup(TINY)))
+    path = run.list_checkpoints(full_run.run_dir)[-1]
+    state, meta = run.load_checkpoint(path, run.make_setup(TINY).initial_state())
     assert meta["generation"] == 8
     assert_identical(state, full_run.state)
 
@@ -155,7 +155,7 @@ def test_checkpoint_round_trip(full_run):
 def test_failed_write_keeps_previous_checkpoint(full_run, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     shutil.copytree(full_run.run_dir, run_dir)
-    before = [p.name for p in driver.list_checkpoints(run_dir)]
+    before = [p.name for p in run.list_checkpoints(run_dir)]
     import orbax.checkpoint as ocp
 
     def broken_save(self, *args, **kwargs):
@@ -164,8 +164,8 @@ def test_failed_write_keeps_previous_checkpoint(full_run, tmp_path, monkeypatch)
     monkeypatch.setattr(ocp.PyTreeCheckpointer, "save", broken_save)
     newer = full_run.state.es.replace(generation=full_run.state.es.generation + 2)
     with pytest.raises(OSError, match="disk full"):
-        driver.save_checkpoint(run_dir, dataclasses.replace(full_run.state, es=newer), TINY, "x")
-    assert [p.name for p in driver.list_checkpoints(run_dir)] == before
+        run.save_checkpoint(run_dir, dataclasses.replace(full_run.state, es=newer), TINY, "x")
+    assert [p.name for p in run.list_checkpoints(run_dir)] == before
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".tmp")]
 
 
@@ -181,48 +181,48 @@ def _corrupt(ckpt: Path) -> None:
 def test_corrupt_checkpoint_is_an_error_and_previous_survives(full_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(full_run.run_dir, run_dir)
-    previous, newest = driver.list_checkpoints(run_dir)
+    previous, newest = run.list_checkpoints(run_dir)
     _corrupt(newest)
-    with pytest.raises(driver.CheckpointError, match=r"(corrupt|unreadable).*previous checkpoint .*gen_00000006"):
-        driver.train(TINY, run_dir, resume=True, progress=False)
+    with pytest.raises(run.CheckpointError, match=r"(corrupt|unreadable).*previous checkpoint .*gen_00000006"):
+        run.train(TINY, run_dir, resume=True, progress=False)
     assert previous.exists()
-    state, _ = driver.load_checkpoint(previous, driver.init_state(driver.make_setup(TINY)))
+    state, _ = run.load_checkpoint(previous, run.make_setup(TINY).initial_state())
     assert state.generation == 6
     # flipped bytes that orbax itself would accept are caught by the sha256
     run2 = tmp_path / "run2"
     shutil.copytree(full_run.run_dir, run2)
-    meta_path = driver.list_checkpoints(run2)[-1] / "meta.json"
+    meta_path = run.list_checkpoints(run2)[-1] / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta["sha256"] = "0" * 64
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(driver.CheckpointError, match="corrupt"):
-        driver.load_run(run2)
+    with pytest.raises(run.CheckpointError, match="corrupt"):
+        run.load_run(run2)
 
 
 def test_resume_with_other_config_or_other_run_is_refused(full_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(full_run.run_dir, run_dir)
-    with pytest.raises(driver.CheckpointError, match=r"different config \(sigma: checkpoint 0.2 vs now 0.5\)"):
-        driver.train(dataclasses.replace(TINY, sigma=0.5), run_dir, resume=True, progress=False)
+    with pytest.raises(run.CheckpointError, match=r"different config \(sigma: checkpoint 0.2 vs now 0.5\)"):
+        run.train(dataclasses.replace(TINY, sigma=0.5), run_dir, resume=True, progress=False)
     # run-control fields may change (here: train longer)
     # checkpoints copied from another run into this run directory
     other = tmp_path / "other"
     other.mkdir()
     (other / "run.json").write_text(json.dumps({"run_id": "someone-else"}))
     shutil.copytree(run_dir / "checkpoints", other / "checkpoints")
-    with pytest.raises(driver.CheckpointError, match="belongs to another run"):
-        driver.train(TINY, other, resume=True, progress=False)
-    with pytest.raises(driver.CheckpointError, match="nothing to resume"):
-        driver.train(TINY, tmp_path / "empty", resume=True, progress=False)
+    with pytest.raises(run.CheckpointError, match="belongs to another run"):
+        run.train(TINY, other, resume=True, progress=False)
+    with pytest.raises(run.CheckpointError, match="nothing to resume"):
+        run.train(TINY, tmp_path / "empty", resume=True, progress=False)
     with pytest.raises(FileExistsError, match="already holds a run"):
-        driver.train(TINY, run_dir, progress=False)
+        run.train(TINY, run_dir, progress=False)
 
 
 def test_import_esx_stays_light():
     import subprocess
     import sys
 
-    code = ("import sys, esx, esx.driver, esx.configs; "
+    code = ("import sys, esx, esx.run; "
             "bad = [m for m in ('orbax', 'tqdm', 'matplotlib', 'gymnax') if m in sys.modules]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -231,16 +231,16 @@ def test_import_esx_stays_light():
 @pytest.mark.slow
 def test_short_cartpole_run_beats_random():
     """A short CartPole run of the default config: the greedy return ends far above the initial policy's."""
-    from esx.configs import CONFIGS
+    from esx_envs.configs import CONFIGS
 
     cfg = dataclasses.replace(CONFIGS["cartpole"], generations=60, target_return=None, eval_every=10,
                               final_eval_episodes=32, checkpoint_every=0)
-    setup = driver.make_setup(cfg)
-    state = driver.init_state(setup)
-    initial = float(setup.evaluator(state.es.params, driver.eval_key(state), state.obs_stats).mean())
-    result = driver.train(cfg, None, progress=False)
+    setup = run.make_setup(cfg)
+    state = setup.initial_state()
+    initial = float(setup.parts.evaluator(state.es.params, run.eval_key(state), state.carry).mean())
+    result = run.train(cfg, None, progress=False)
     assert initial < 50
-    assert result.final_return > 200
+    assert result.final_score > 200
 
 
 @pytest.mark.slow
@@ -283,9 +283,9 @@ def test_sharded_driver_matches_one_device_and_resumes_across_device_counts(tmp_
 
 
 def test_bad_device_settings_are_config_errors():
-    from esx.configs import ConfigError
+    from esx.run import ConfigError
 
     with pytest.raises(ConfigError, match=r"device\(s\) are available"):
-        driver.make_setup(dataclasses.replace(TINY, devices=jax.device_count() + 1))
+        run.make_setup(dataclasses.replace(TINY, devices=jax.device_count() + 1))
     with pytest.raises(ConfigError, match="placement"):
-        driver.make_setup(dataclasses.replace(TINY, placement="scatter"))
+        run.make_setup(dataclasses.replace(TINY, placement="scatter"))

@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from esx import cli, configs, driver
-from esx.configs import ConfigError
+from esx import run
+from esx_envs import cli, configs
+from esx.run import ConfigError
 
 EGG = configs.apply_overrides(configs.get_config("egg-shakespeare"), dict(
     name="egg-tiny", generations=8, dim=16, population_size=16, length=24, eval_every=4, eval_streams=4,
@@ -25,8 +26,8 @@ def _interrupt_at(generation):
     return callback
 
 
-def _same_state(a: driver.DriverState, b: driver.DriverState) -> None:
-    la, lb = driver._to_host(a), driver._to_host(b)
+def _same_state(a: run.RunState, b: run.RunState) -> None:
+    la, lb = run.checkpoint._to_host(a), run.checkpoint._to_host(b)
     assert len(la) == len(lb)
     for x, y in zip(la, lb):
         np.testing.assert_array_equal(x, y)
@@ -34,36 +35,36 @@ def _same_state(a: driver.DriverState, b: driver.DriverState) -> None:
 
 def _train_records(run_dir):
     return [{k: v for k, v in r.items() if k not in ("wall_time", "seconds")}
-            for r in driver.read_metrics(run_dir) if r["kind"] == "train"]
+            for r in run.read_metrics(run_dir) if r["kind"] == "train"]
 
 
 @pytest.mark.parametrize("config", [EGG, LLM], ids=["egg", "llm"])
 def test_resume_is_bit_identical(config, tmp_path):
     """Also the LLM learning check: ES raises the dense sanity reward (fraction of digit characters) of a random
     tiny model, in the population and in the greedy validation answers."""
-    full = driver.train(config, tmp_path / "full", progress=False)
+    full = run.train(config, tmp_path / "full", progress=False)
     if config.KIND == "llm":
         rewards = [r["reward_mean"] for r in full.history if r["kind"] == "train"]
         val = [r["val_accuracy"] for r in full.history if r["kind"] == "eval"]
         assert np.mean(rewards[-4:]) > np.mean(rewards[:4]) + 0.1, rewards
         assert val[-1] > val[0] + 0.3 and full.final_score == val[-1], val
-    part = driver.train(config, tmp_path / "part", progress=False, callback=_interrupt_at(2), log=lambda s: None)
+    part = run.train(config, tmp_path / "part", progress=False, callback=_interrupt_at(2), log=lambda s: None)
     assert part.interrupted and part.state.generation == 2
-    resumed = driver.train(config, tmp_path / "part", resume=True, progress=False, log=lambda s: None)
+    resumed = run.train(config, tmp_path / "part", resume=True, progress=False, log=lambda s: None)
     assert resumed.state.generation == config.generations
     _same_state(resumed.state, full.state)
     assert _train_records(tmp_path / "part") == _train_records(tmp_path / "full")
     assert resumed.final == full.final and np.isfinite(full.final_score)
     summary = json.loads((tmp_path / "full" / "summary.json").read_text())
-    setup = driver.make_setup(config)
+    setup = run.make_setup(config)
     assert summary[f"final_{setup.score}"] == pytest.approx(full.final_score)
     assert (tmp_path / "full" / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "full" / "config.json").read_text())["kind"] == config.KIND
 
 
 def test_egg_records_and_carried_hidden_state(tmp_path):
-    result = driver.train(EGG, tmp_path / "run", progress=False)
-    recs = driver.read_metrics(tmp_path / "run")
+    result = run.train(EGG, tmp_path / "run", progress=False)
+    recs = run.read_metrics(tmp_path / "run")
     train = [r for r in recs if r["kind"] == "train"]
     evals = [r for r in recs if r["kind"] == "eval"]
     assert [r["generation"] for r in evals] == [0, 4, 8]  # the "before" number too
@@ -80,24 +81,24 @@ def test_egg_records_and_carried_hidden_state(tmp_path):
 
 
 def test_egg_target_and_minutes_stop_early(tmp_path):
-    reached = driver.train(dataclasses.replace(EGG, target_bpb=8.5, generations=40), tmp_path / "a",
+    reached = run.train(dataclasses.replace(EGG, target_bpb=8.5, generations=40), tmp_path / "a",
                            progress=False)
     evals = [(r["generation"], r["valid_bpb"]) for r in reached.history if r["kind"] == "eval"]
     first = next(g for g, v in evals if v <= 8.5)
     assert reached.reached_target and reached.state.generation == first == evals[-1][0] < 40
-    timed = driver.train(dataclasses.replace(EGG, minutes=1e-6, generations=40), tmp_path / "b", progress=False,
+    timed = run.train(dataclasses.replace(EGG, minutes=1e-6, generations=40), tmp_path / "b", progress=False,
                          log=lambda s: None)
     assert timed.out_of_time and timed.state.generation == 0 and not timed.interrupted
-    assert driver.list_checkpoints(tmp_path / "b")  # the state is saved: --resume continues
+    assert run.list_checkpoints(tmp_path / "b")  # the state is saved: --resume continues
 
 
 def test_resuming_with_another_kind_of_config_is_an_error(tmp_path):
-    driver.train(EGG, tmp_path / "run", progress=False)
+    run.train(EGG, tmp_path / "run", progress=False)
     rl = configs.get_config("cartpole")
-    with pytest.raises(driver.CheckpointError, match="kind: checkpoint 'egg' vs now 'rl'"):
-        driver.train(rl, tmp_path / "run", resume=True, progress=False)
-    with pytest.raises(driver.CheckpointError, match="dim: checkpoint 16 vs now 64"):
-        driver.train(dataclasses.replace(EGG, dim=64), tmp_path / "run", resume=True, progress=False)
+    with pytest.raises(run.CheckpointError, match="kind: checkpoint 'egg' vs now 'rl'"):
+        run.train(rl, tmp_path / "run", resume=True, progress=False)
+    with pytest.raises(run.CheckpointError, match="dim: checkpoint 16 vs now 64"):
+        run.train(dataclasses.replace(EGG, dim=64), tmp_path / "run", resume=True, progress=False)
 
 
 def test_cli_trains_and_evaluates_egg(tmp_path, capsys):
@@ -141,10 +142,10 @@ def test_sigterm_checkpoints_like_ctrl_c(tmp_path):
             os.kill(os.getpid(), signal.SIGTERM)
 
     before = signal.getsignal(signal.SIGTERM)
-    part = driver.train(EGG, tmp_path / "run", progress=False, callback=term_at_3, log=lambda s: None)
+    part = run.train(EGG, tmp_path / "run", progress=False, callback=term_at_3, log=lambda s: None)
     assert part.interrupted and part.state.generation == 4  # chunk=2: the chunk in flight completes
-    assert driver.list_checkpoints(tmp_path / "run")[-1].name == "gen_00000004"
+    assert run.list_checkpoints(tmp_path / "run")[-1].name == "gen_00000004"
     assert signal.getsignal(signal.SIGTERM) == before
-    resumed = driver.train(EGG, tmp_path / "run", resume=True, progress=False, log=lambda s: None)
-    full = driver.train(EGG, tmp_path / "full", progress=False)
+    resumed = run.train(EGG, tmp_path / "run", resume=True, progress=False, log=lambda s: None)
+    full = run.train(EGG, tmp_path / "full", progress=False)
     _same_state(resumed.state, full.state)

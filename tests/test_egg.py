@@ -13,7 +13,8 @@ import pytest
 
 import esx
 from esx import int_eggroll as ie
-from esx_envs import egg, text_data
+from esx_envs import egg
+from esx_envs.egg import text_data
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = egg.EggConfig(dim=16, layers=1)
@@ -437,7 +438,7 @@ def test_short_training_brings_loss_well_below_8_bits():
 def test_float_twin_backprop_learns_and_mirrors_shapes():
     import optax
 
-    from esx_envs import float_twin as ft
+    from esx_envs.egg import float_twin as ft
 
     params = ft.init_params(jax.random.key(0), TINY)
     ip = _tiny_params()
@@ -463,7 +464,7 @@ def test_float_twin_trains_with_float_eggroll():
     import optax
 
     import esx
-    from esx_envs import float_twin as ft
+    from esx_envs.egg import float_twin as ft
 
     params = ft.init_params(jax.random.key(0), TINY)
     strat = esx.eggroll(population_size=32, sigma=0.05, optimizer=optax.adam(0.05), group_size=2,

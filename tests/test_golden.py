@@ -9,6 +9,7 @@ of these runs must say which stream changed and why, in the same commit that upd
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -59,16 +60,18 @@ def test_golden_sharded_run():
 
 def test_checkpoint_from_before_the_split_resumes(tmp_path):
     """A run directory written by the code before the redesign resumes, and continues exactly like a fresh run."""
-    from esx import configs, driver
+    from esx import run
+    from esx_envs import configs
 
-    run = tmp_path / "old"
-    shutil.copytree(ROOT / "tests" / "data" / "run_v0_cartpole", run)
-    config = configs.from_dict(__import__("json").loads((run / "config.json").read_text()))
-    setup = driver.make_setup(config)
-    state, meta = driver.restore_run(run, setup, None)
+    old = tmp_path / "old"
+    shutil.copytree(ROOT / "tests" / "data" / "run_v0_cartpole", old)
+    config = configs.from_dict(json.loads((old / "config.json").read_text()))
+    setup = run.make_setup(config)
+    state, meta = run.restore_run(old, setup, None)
+    assert "format" not in meta  # written before format versions existed
     assert state.generation == 4 and golden.digest(state) == V0_CHECKPOINT
     longer = configs.apply_overrides(config, dict(generations=6))
-    resumed = driver.train(longer, run, resume=True, progress=False, log=lambda s: None)
-    fresh = driver.train(longer, tmp_path / "fresh", progress=False, log=lambda s: None)
+    resumed = run.train(longer, old, resume=True, progress=False, log=lambda s: None)
+    fresh = run.train(longer, tmp_path / "fresh", progress=False, log=lambda s: None)
     assert resumed.state.generation == 6
     assert golden.digest(resumed.state) == golden.digest(fresh.state)

@@ -122,13 +122,14 @@ def test_prompt_template():
 
 
 def test_system_prompt_option_reaches_the_prompts():
-    from esx import configs
-    from esx_envs.llm import driver as llm_driver, es
+    from esx_envs import configs
+    from esx_envs.llm import es
+    from esx_envs.llm import task as llm_driver
     from esx_envs.llm.tokenizer import ByteTokenizer
 
-    assert llm_driver.system_prompt(configs.LLMTrainConfig()) == tasks.SYSTEM_PROMPT
-    assert llm_driver.system_prompt(configs.LLMTrainConfig(system_prompt="none")) is None
-    assert llm_driver.system_prompt(configs.LLMTrainConfig(system_prompt="Be brief.")) == "Be brief."
+    assert llm_driver.system_prompt(configs.LLMConfig()) == tasks.SYSTEM_PROMPT
+    assert llm_driver.system_prompt(configs.LLMConfig(system_prompt="none")) is None
+    assert llm_driver.system_prompt(configs.LLMConfig(system_prompt="Be brief.")) == "Be brief."
     tok = ByteTokenizer()
     probs = tasks.Arithmetic().sample(random.Random(0), 2)
     ids_sys, _ = es.encode_prompts(tok, probs)

@@ -34,7 +34,9 @@ import numpy as np
 import optax
 
 import esx
+from esx.noise import stream_key
 from esx_envs.llm import model as model_lib
+from esx_envs.llm.config import LLMConfig
 from esx_envs.llm import tasks as tasks_lib
 
 RewardFn = Callable[[tasks_lib.Problem, str], float]
@@ -105,52 +107,6 @@ def evaluate_model(params: Any, *, cfg: model_lib.LlamaConfig, tokenizer, task,
     return {"accuracy": float(np.mean(scores)), "format": float(np.mean(fmts)), "samples": samples}
 
 
-@dataclasses.dataclass(frozen=True)
-class ESConfig:
-    """Hyperparameters of EGGROLL fine-tuning on a reasoning task.
-
-    Attributes:
-      population_size: ``N`` members per generation (even: antithetic pairs).
-      group_size: consecutive members that answer the same prompts (a multiple of 2 dividing ``N``).
-      prompts_per_member: prompts each member answers per generation (its fitness is the mean reward).
-      sigma: noise scale ``σ`` (the paper uses about ``1e-3`` with rank 1).
-      rank: rank of each member's perturbation of a matrix.
-      learning_rate: optimizer step size (esx's textbook convention, see ``esx.paper_learning_rate``).
-      optimizer: ``"sgd"`` (the paper) or ``"adam"``.
-      generations_per_prompt: reuse each problem batch for this many generations.
-      max_new_tokens: tokens generated per answer.
-      temperature: ``0`` = greedy decoding (the paper).
-      format_weight: weight of the format reward added to the task score.
-      freeze_embeddings: do not perturb or update the embedding / output tables.
-      chat: use the ChatML prompt template.
-      system: the system turn of the prompt (``None``: none; see :func:`tasks.make_prompt`).
-    """
-
-    population_size: int = 32
-    group_size: int = 8
-    prompts_per_member: int = 1
-    sigma: float = 1e-3
-    rank: int = 1
-    learning_rate: float = 1e-3
-    optimizer: str = "sgd"
-    generations_per_prompt: int = 1
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    format_weight: float = 0.0
-    freeze_embeddings: bool = False
-    chat: bool = True
-    system: str | None = tasks_lib.SYSTEM_PROMPT
-
-    def __post_init__(self):
-        if self.population_size % self.group_size or self.group_size % 2:
-            raise ValueError(f"group_size={self.group_size} must be even and divide "
-                             f"population_size={self.population_size}")
-        if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer={self.optimizer!r}; 'sgd' or 'adam'")
-        if self.generations_per_prompt < 1 or self.prompts_per_member < 1:
-            raise ValueError("generations_per_prompt and prompts_per_member must be >= 1")
-
-
 def make_rollout_fitness(cfg: model_lib.LlamaConfig, options: model_lib.GenerateOptions, *,
                          temperature: float = 0.0):
     """An esx fitness function ``(view, key, (ids, mask)) -> (0.0, (tokens int32[B, T], lengths int32[B]))``.
@@ -169,14 +125,17 @@ class ESTrainer:
 
     Args:
       cfg: model architecture; ``params``: its parameters; ``tokenizer``: a :class:`tokenizer.Tokenizer`;
-      task: a :class:`tasks.Task`; ``config``: :class:`ESConfig`; ``reward_fn``: ``(problem, text) -> float``
-      (default: task score plus ``format_weight`` times the format reward); ``seed``: problems and noise;
+      task: a :class:`tasks.Task`; ``config``: an :class:`~esx_envs.llm.config.LLMConfig` (its ES and decoding
+      fields); ``reward_fn``: ``(problem, text) -> float``
+      (default: task score plus ``format_weight`` times the format reward); ``seed``: problems and noise (the
+      noise base key is stream ``noise`` of ``jax.random.key(seed)``, generation ``g``'s sampling key stream
+      ``data`` at ``g``: see :func:`esx.noise.stream_key`);
       ``prompt_length``: pad prompts to this many tokens (default: the first batch's longest, rounded up to 16;
       it grows, with a recompile, if a later prompt is longer); ``init_state=False``: do not build :attr:`state`
-      (the caller keeps its own, e.g. the driver).
+      (the caller keeps its own, e.g. the runner task of :mod:`esx_envs.llm.task`).
     """
 
-    def __init__(self, *, cfg: model_lib.LlamaConfig, params: Any, tokenizer, task, config: ESConfig,
+    def __init__(self, *, cfg: model_lib.LlamaConfig, params: Any, tokenizer, task, config: LLMConfig,
                  reward_fn: RewardFn | None = None, seed: int = 0, prompt_length: int | None = None,
                  init_state: bool = True):
         self.cfg, self.tokenizer, self.task, self.config = cfg, tokenizer, task, config
@@ -190,7 +149,7 @@ class ESTrainer:
             population_size=config.population_size, sigma=config.sigma, optimizer=opt, rank=config.rank,
             group_size=config.group_size, shaping="group_z_score",
             labels=model_lib.labels(cfg, freeze_embeddings=config.freeze_embeddings))
-        self.state = self.strategy.init(jax.random.key(seed), params) if init_state else None
+        self.state = self.strategy.init(stream_key(jax.random.key(seed), "noise"), params) if init_state else None
         self.n_groups = config.population_size // config.group_size
         fitness = make_rollout_fitness(cfg, self.options, temperature=config.temperature)
         strategy = self.strategy
@@ -234,7 +193,7 @@ class ESTrainer:
         problems = self.problems_for(generation)
         ids, mask = self._encode(problems)
         shape = (self.n_groups, c.prompts_per_member, ids.shape[1])
-        key = jax.random.fold_in(jax.random.key(self.seed), generation)
+        key = stream_key(jax.random.key(self.seed), "data", generation)
         out, lengths = self._rollout(state, jnp.asarray(ids.reshape(shape)), jnp.asarray(mask.reshape(shape)), key)
         out, lengths = np.asarray(out), np.asarray(lengths)  # [N, B, T], [N, B]
         texts = decode_completions(self.tokenizer, out, lengths)

@@ -23,7 +23,7 @@ import optax
 from jax import lax
 
 import esx
-from esx_envs.egg import VOCAB, EggConfig
+from esx_envs.egg.model import VOCAB, EggConfig
 
 LIMIT = 127.0 / 16.0
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_PATH = Path(__file__).resolve().parent / "data" / "tinyshakespeare.txt"
+DEFAULT_PATH = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
 

