@@ -124,12 +124,11 @@ def test_prompt_template():
 def test_system_prompt_option_reaches_the_prompts():
     from esx_envs import configs
     from esx_envs.llm import es
-    from esx_envs.llm import task as llm_driver
     from esx_envs.llm.tokenizer import ByteTokenizer
 
-    assert llm_driver.system_prompt(configs.LLMConfig()) == tasks.SYSTEM_PROMPT
-    assert llm_driver.system_prompt(configs.LLMConfig(system_prompt="none")) is None
-    assert llm_driver.system_prompt(configs.LLMConfig(system_prompt="Be brief.")) == "Be brief."
+    assert configs.LLMConfig().system == tasks.SYSTEM_PROMPT
+    assert configs.LLMConfig(system_prompt="none").system is None
+    assert configs.LLMConfig(system_prompt="Be brief.").system == "Be brief."
     tok = ByteTokenizer()
     probs = tasks.Arithmetic().sample(random.Random(0), 2)
     ids_sys, _ = es.encode_prompts(tok, probs)

@@ -12,6 +12,54 @@ prompt template of :func:`make_prompt`: the model reasons inside ``<think> … <
 inside ``<answer> … </answer>``; :func:`extract_answer` reads the answer section and :func:`format_reward` scores
 compliance with the template (a reward that moves quickly, useful as a sanity check).
 
+What each verifier accepts (the rules; ``tests/test_verifiers_redteam.py`` attacks each one)
+------------------------------------------------------------------------------------------
+**The answer section (every task).** A completion has an answer section when it contains exactly one ``<answer>``
+and exactly one ``</answer>``, in that order, with at most ``MAX_ANSWER_CHARS`` (512) characters between them; the
+section is that text with ASCII whitespace stripped from both ends. No answer tag at all means "no answer section";
+anything else -- repeated, nested, unclosed or reversed tags, a stray ``</answer>`` -- is a *malformed* completion
+and scores 0 in every mode (lenient included) and gets no answer credit from :func:`format_reward`. Tags are
+case-sensitive.
+
+**A number** is written in ASCII: an optional sign (``-`` or ``+``) directly before the digits, then ``0`` or digits
+without a leading zero, either plain (``1234``) or grouped by commas in groups of exactly three (``1,234``), then an
+optional decimal part (``.5``, ``900.0``). Its value is read whole and exactly (``Fraction``; at most
+``MAX_NUMBER_CHARS`` characters), so a long number is never split and never equals a small target. A number is
+*malformed* when it is not of that form (``7,2``, ``1,2345``, ``072``, ``1.2.3``, non-ASCII digits such as ``٧٢`` or
+``７２``) or when it is glued to a neighbour: a letter or digit of any script, ``_``, a non-ASCII character
+(zero-width spaces and other invisible characters included) on either side, a ``.`` or ``,`` before it, a doubled
+sign (``--7``), or a sign separated from the digits by spaces or tabs (``- 7``). A ``-`` or ``+`` right after a digit
+or a closing bracket (spaces or tabs between allowed) is an operator, not a sign. A ``.`` or ``,`` after a number that
+is not followed by a digit is punctuation (``It is 72.``).
+
+**Arithmetic and GSM8K** (``strict=True``). The answer section must contain exactly one number, well-formed and
+unglued, whose exact value equals the reference. Besides that number (and its attached sign) the section may hold only
+ASCII letters, ASCII whitespace and the punctuation ``. , : ; ! ? ' " $ % ( ) [ ] = * #``, so words and units are
+allowed (``10 apples``, ``It is -7 degrees``, ``$1,200``, ``**72**``). Two numbers (``72 or 73``, ``40 + 32 = 72``),
+a malformed number, any other character (another ``+``/``-``, ``/``, ``^``, ``~``, control characters, any non-ASCII
+character) score 0. **Lenient mode** (``strict=False``, ``--lenient``): a completion *without any answer tag* is
+read by its last number (:func:`parse_number`), which must be well-formed and unglued; a malformed last number scores
+0 (it never falls back to an earlier one). A completion with an answer section is read as in strict mode.
+
+**Countdown.** The answer section is ASCII and is either an expression, or an equation with exactly one ``=`` whose
+one side is an expression and whose other side is the target written as a plain integer (``3*8*1 = 24`` and
+``24 = 3*8*1`` pass, ``3*8*1 = 25`` and ``3*8 = 24*1`` fail). The expression uses only the given numbers (each at
+most once; each exactly once when ``use_all``, the default), written as plain integers without leading zeros, with
+``+ - * /``, parentheses and spaces (any ASCII whitespace around each side) -- no unary minus, powers, decimals or
+implicit multiplication -- and is evaluated with the usual precedence, exactly (``Fraction``); its value must equal
+the target.
+
+**reasoning-gym** (:class:`ReasoningGym`). The answer is the answer section (lenient: the last non-empty line of a
+completion without any answer tag); a malformed completion scores 0. The answer must not contain control or
+invisible (format) characters, and must be ASCII when the reference answer is. ``countdown`` and ``puzzle24``
+answers are checked by esx's Countdown rules (target from the entry, or 24; every given number exactly once; unary
+minus allowed, as in reasoning-gym's own reference solutions) instead of reasoning-gym's ``sympy.parse_expr``, which
+evaluates its input and does not check which numbers ``puzzle24`` answers use. When the reference answer is a plain
+number, the answer is read as an Arithmetic answer section and scores 1 when its value equals the reference, or when
+the dataset's verifier gives that number full credit (a dataset's rounding tolerance). Everything else is scored by
+the dataset's verifier; the score is 1 only for full credit, else 0 (reasoning-gym's partial credit for a wrong answer
+that contains the reference, and its consolation rewards for well-formed wrong answers, are dropped).
+
 Example:
   >>> parse_expression("(3 + 5) * 2")
   Fraction(16, 1)
@@ -21,6 +69,10 @@ Example:
   >>> p = Problem(question="", answer=24, meta={"numbers": (3, 8, 1)})
   >>> task.score(p, "<think>3*8</think><answer>3 * 8 * 1</answer>")
   1.0
+  >>> task.score(p, "<think>3*8</think><answer>3 * 8 * 1 = 25</answer>")
+  0.0
+  >>> Arithmetic().score(Problem("What is 40 + 32?", 72), "<answer>1000000000000000000000000000000072</answer>")
+  0.0
 """
 from __future__ import annotations
 
@@ -29,6 +81,7 @@ import json
 import pathlib
 import random
 import re
+import unicodedata
 from collections.abc import Sequence
 from fractions import Fraction
 from typing import Any, Protocol
@@ -42,6 +95,7 @@ MAX_NUMBER_DIGITS = 9
 MAX_MAGNITUDE = 10**18  # any intermediate |numerator| or |denominator| above this rejects the expression
 
 _ALLOWED = frozenset("0123456789+-*/() ")
+_ASCII_WS = " \t\n\r\f\v"
 
 
 class _Reject(Exception):
@@ -50,11 +104,13 @@ class _Reject(Exception):
 
 class _Parser:
     """``expr := term (('+'|'-') term)*``; ``term := factor (('*'|'/') factor)*``;
-    ``factor := number | '(' expr ')'``. No unary operators (Countdown combines the given numbers only)."""
+    ``factor := number | '(' expr ')'`` (``| '-' factor`` with ``unary_minus``). ``number`` is ``0`` or digits
+    without a leading zero. No other unary operators (Countdown combines the given numbers only)."""
 
-    def __init__(self, text: str):
+    def __init__(self, text: str, unary_minus: bool = False):
         self.s = text
         self.i = 0
+        self.unary_minus = unary_minus
         self.numbers: list[int] = []
 
     def peek(self) -> str:
@@ -92,7 +148,12 @@ class _Parser:
         return value
 
     def factor(self, depth: int) -> Fraction:
+        if depth > MAX_DEPTH:
+            raise _Reject
         c = self.peek()
+        if c == "-" and self.unary_minus:
+            self.i += 1
+            return -self.factor(depth + 1)
         if c == "(":
             self.i += 1
             value = self.expr(depth + 1)
@@ -104,22 +165,23 @@ class _Parser:
         while self.i < len(self.s) and self.s[self.i].isascii() and self.s[self.i].isdigit():
             self.i += 1
         digits = self.s[start:self.i]
-        if not digits or len(digits) > MAX_NUMBER_DIGITS:
+        if not digits or len(digits) > MAX_NUMBER_DIGITS or (len(digits) > 1 and digits[0] == "0"):
             raise _Reject
         n = int(digits)
         self.numbers.append(n)
         return Fraction(n)
 
 
-def parse_expression(text: str, *, return_numbers: bool = False) -> Any:
+def parse_expression(text: str, *, return_numbers: bool = False, unary_minus: bool = False) -> Any:
     """Evaluates an arithmetic expression over non-negative integers with ``+ - * /`` and parentheses.
 
     Args:
-      text: the expression (e.g. a Countdown answer). Anything outside the whitelist ``0-9 + - * / ( ) space``,
-        longer than ``MAX_EXPRESSION_CHARS``, nested deeper than ``MAX_DEPTH``, with a number of more than
-        ``MAX_NUMBER_DIGITS`` digits, dividing by zero or with an intermediate value above ``MAX_MAGNITUDE`` is
-        rejected.
+      text: the expression (e.g. a Countdown answer); ASCII whitespace around it is ignored. Anything outside the
+        whitelist ``0-9 + - * / ( ) space``, longer than ``MAX_EXPRESSION_CHARS``, nested deeper than
+        ``MAX_DEPTH``, with a number of more than ``MAX_NUMBER_DIGITS`` digits or with a leading zero (``07``),
+        dividing by zero or with an intermediate value above ``MAX_MAGNITUDE`` is rejected.
       return_numbers: also return the list of integer literals in order of appearance.
+      unary_minus: also accept a unary minus (``-3 + 5``, ``2 * -(1 + 2)``); off by default.
 
     Returns:
       The exact value as a :class:`~fractions.Fraction` (or ``(value, numbers)``), or ``None`` when rejected.
@@ -128,10 +190,10 @@ def parse_expression(text: str, *, return_numbers: bool = False) -> Any:
     try:
         if not isinstance(text, str) or len(text) > MAX_EXPRESSION_CHARS:
             return None
-        text = text.strip()
+        text = text.strip(_ASCII_WS)
         if not text or any(c not in _ALLOWED for c in text):
             return None
-        p = _Parser(text)
+        p = _Parser(text, unary_minus=unary_minus)
         value = p.expr(0)
         if p.peek() != "":
             return None
@@ -148,8 +210,20 @@ SYSTEM_PROMPT = (
     "inside <answer> </answer>."
 )
 ANSWER_STOP = "</answer>"
-_ANSWER_RE = re.compile(r"<answer>(.{0,512}?)</answer>", re.DOTALL)
-_NUMBER_RE = re.compile(r"-?\d[\d,]{0,30}(?:\.\d{1,12})?")
+ANSWER_START = "<answer>"
+MAX_ANSWER_CHARS = 512  # a longer answer section is malformed
+MAX_NUMBER_CHARS = 1000  # a longer number is malformed (it could not equal any reference anyway)
+
+# A run of decimal digits of any script joined by single '.' or ',' (Unicode \d, so that non-ASCII digits are found
+# and then rejected, never skipped); whether the run is a well-formed number is decided by _WELL_FORMED_RE.
+_RUN_RE = re.compile(r"\d+(?:[.,]\d+)*")
+_WELL_FORMED = r"(?:0|[1-9][0-9]{0,2}(?:,[0-9]{3})+|[1-9][0-9]*)(?:\.[0-9]+)?"
+_WELL_FORMED_RE = re.compile(_WELL_FORMED)
+_SIGNED_NUMBER_RE = re.compile(r"[+-]?" + _WELL_FORMED)
+# What an answer section may hold besides its one number (and that number's attached sign): ASCII letters,
+# whitespace and punctuation that cannot change a number's value.
+_ANSWER_TEXT_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ \t\n\r.,:;!?'\"$%()[]=*#")
+_BLANK = " \t"
 
 
 def make_prompt(question: str, *, chat: bool = True, system: str | None = SYSTEM_PROMPT,
@@ -170,53 +244,142 @@ def make_prompt(question: str, *, chat: bool = True, system: str | None = SYSTEM
     return f"{head}User: {question}\nAssistant: {prefill}"
 
 
+_ABSENT, _MALFORMED, _OK = "absent", "malformed", "ok"
+
+
+def _answer_section(completion: Any) -> tuple[str, str | None]:
+    """``("ok", text)`` for exactly one ``<answer> … </answer>`` (text stripped of ASCII whitespace),
+    ``("absent", None)`` when the completion has no answer tag at all, ``("malformed", None)`` otherwise (repeated,
+    nested, unclosed or reversed tags, an over-long section, not a string)."""
+    if not isinstance(completion, str):
+        return _MALFORMED, None
+    n_open, n_close = completion.count(ANSWER_START), completion.count(ANSWER_STOP)
+    if n_open == 0 and n_close == 0:
+        return _ABSENT, None
+    if n_open != 1 or n_close != 1:
+        return _MALFORMED, None
+    start = completion.find(ANSWER_START) + len(ANSWER_START)
+    end = completion.find(ANSWER_STOP)
+    if end < start or end - start > MAX_ANSWER_CHARS:
+        return _MALFORMED, None
+    return _OK, completion[start:end].strip(_ASCII_WS)
+
+
 def extract_answer(completion: str) -> str | None:
-    """The text inside the first ``<answer> … </answer>`` (stripped), or ``None`` if there is none.
+    """The text of the completion's answer section (stripped of ASCII whitespace), or ``None`` when it has none or
+    the tags are malformed (not exactly one ``<answer>`` followed by exactly one ``</answer>``, at most
+    ``MAX_ANSWER_CHARS`` apart; see the module docstring).
 
     The completion is the text generated after the prompt (which ends inside ``<think>``)."""
-    if not isinstance(completion, str):
-        return None
-    m = _ANSWER_RE.search(completion[:8192])
-    return m.group(1).strip() if m else None
+    kind, text = _answer_section(completion)
+    return text if kind == _OK else None
 
 
 def format_reward(completion: str) -> float:
-    """Template compliance in ``[0, 1]``: ``0.5`` for a closed reasoning section (``</think>`` before the answer),
-    ``0.5`` for a non-empty ``<answer> … </answer>`` section, nothing for text after ``</answer>``
-    (generation stops at it)."""
+    """Template compliance in ``[0, 1]``: ``0.5`` for a closed reasoning section (``</think>`` before the first
+    ``<answer>``), ``0.5`` for a non-empty, well-formed ``<answer> … </answer>`` section (exactly one pair of tags),
+    nothing for text after ``</answer>`` (generation stops at it)."""
     if not isinstance(completion, str):
         return 0.0
-    completion = completion[:8192]
     score = 0.0
     think_end = completion.find("</think>")
-    ans = _ANSWER_RE.search(completion)
-    if think_end >= 0 and (ans is None or think_end < ans.start()):
+    first_open = completion.find(ANSWER_START)
+    if think_end >= 0 and (first_open < 0 or think_end < first_open):
         score += 0.5
-    if ans is not None and ans.group(1).strip():
+    kind, text = _answer_section(completion)
+    if kind == _OK and text:
         score += 0.5
     return score
 
 
-def parse_number(text: str | None) -> Fraction | None:
-    """The last number in ``text`` (commas as thousands separators, optional decimals), or ``None``."""
-    if not isinstance(text, str):
+def _free(c: str) -> bool:
+    """Whether ``c`` may stand next to a number: ASCII, not a letter, digit or ``_``."""
+    return c.isascii() and not c.isalnum() and c != "_"
+
+
+def _is_operator(text: str, k: int) -> bool:
+    """Whether the ``+``/``-`` at ``text[k]`` is a binary operator: the previous non-blank character is an ASCII
+    digit or a closing bracket."""
+    j = k - 1
+    while j >= 0 and text[j] in _BLANK:
+        j -= 1
+    return j >= 0 and (("0" <= text[j] <= "9") or text[j] in ")]}")
+
+
+def _read_number(text: str, m: re.Match) -> tuple[Fraction, int] | None:
+    """``(value, start)`` of the digit run ``m`` of ``text`` with its sign (``start``: where the number begins,
+    sign included), or ``None`` when it is malformed or glued to its neighbours (the rules of the module
+    docstring)."""
+    run = m.group()
+    start, end = m.span()
+    if len(run) > MAX_NUMBER_CHARS or not run.isascii() or not _WELL_FORMED_RE.fullmatch(run):
         return None
-    found = _NUMBER_RE.findall(text[-4096:])
-    if not found:
+    if end < len(text) and not _free(text[end]):
         return None
+    sign, left = 1, start - 1
+    if left >= 0 and text[left] in "+-" and not _is_operator(text, left):
+        sign = -1 if text[left] == "-" else 1
+        start, left = left, left - 1  # the number begins at its sign; ``left``: the character before it
+        if left >= 0 and (not _free(text[left]) or text[left] in "+-.,"):
+            return None
+    elif left >= 0:
+        if not _free(text[left]) or text[left] in ".,":
+            return None
+        k = left
+        while k >= 0 and text[k] in _BLANK:
+            k -= 1
+        if k != left and k >= 0 and text[k] in "+-" and not _is_operator(text, k):
+            return None  # a sign set apart from its digits on the same line: "- 7"
     try:
-        return Fraction(found[-1].replace(",", ""))
+        return sign * Fraction(run.replace(",", "")), start
     except (ValueError, ZeroDivisionError):
         return None
 
 
+def parse_number(text: str | None) -> Fraction | None:
+    """The value of the last number in ``text`` (lenient reading), or ``None`` when there is none or the last one is
+    malformed or glued to its neighbours -- it never falls back to an earlier number. See the module docstring for
+    what a well-formed number is (ASCII digits, an attached sign, commas only between groups of three, optional
+    decimals)."""
+    if not isinstance(text, str):
+        return None
+    last = None
+    for last in _RUN_RE.finditer(text):
+        pass
+    number = None if last is None else _read_number(text, last)
+    return None if number is None else number[0]
+
+
+def parse_single_number(text: str | None) -> Fraction | None:
+    """The value of the only number in ``text`` (strict reading of an answer section), or ``None`` when ``text``
+    has no number or more than one, its number is malformed or glued to its neighbours, or the rest of ``text``
+    has a character other than ASCII letters, whitespace and ``. , : ; ! ? ' " $ % ( ) [ ] = * #`` (a ``+`` or
+    ``-`` only as the number's attached sign)."""
+    if not isinstance(text, str):
+        return None
+    runs = list(_RUN_RE.finditer(text))
+    if len(runs) != 1:
+        return None
+    number = _read_number(text, runs[0])
+    if number is None:
+        return None
+    value, start = number
+    if any(c not in _ANSWER_TEXT_CHARS for c in text[:start]) or \
+            any(c not in _ANSWER_TEXT_CHARS for c in text[runs[0].end():]):
+        return None
+    return value
+
+
 def final_number(completion: str, *, strict: bool = True) -> Fraction | None:
-    """The last number of the answer section; with ``strict=False`` a completion without an answer section
-    falls back to its last number (small models rarely follow the template before training)."""
-    answer = extract_answer(completion)
-    if answer is None and not strict:
-        answer = completion
-    return parse_number(answer)
+    """The number of the answer section (:func:`parse_single_number`: exactly one well-formed number); with
+    ``strict=False`` a completion without any answer tag is read by its last number (:func:`parse_number`; small
+    models rarely follow the template before training). Malformed answer tags give ``None`` in both modes."""
+    kind, text = _answer_section(completion)
+    if kind == _OK:
+        return parse_single_number(text)
+    if kind == _ABSENT and not strict:
+        return parse_number(completion)
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -241,18 +404,24 @@ class Task(Protocol):
     def score(self, problem: Problem, completion: str) -> float: ...
 
 
+_TARGET_LITERAL_RE = re.compile(r"0|[1-9][0-9]*")
+
+
 @dataclasses.dataclass(frozen=True)
 class Countdown:
     """Countdown: combine the given numbers with ``+ - * /`` (each exactly once) to reach the target.
 
     The generator draws ``num_numbers`` integers in ``[1, max_number]`` and a target reached by a random expression
-    over all of them that stays a positive integer, so every problem is solvable.
+    over all of them that stays a positive integer, so every problem is solvable. The answer is an expression, or an
+    equation whose other side is the target (``expr = 24`` or ``24 = expr``); see :meth:`check` and the module
+    docstring. ``unary_minus`` additionally accepts a unary minus (off: the game combines the given numbers only).
     """
 
     num_numbers: int = 3
     max_number: int = 20
     max_target: int = 200
     use_all: bool = True
+    unary_minus: bool = False
     name: str = "countdown"
 
     def sample(self, rng: random.Random, n: int) -> list[Problem]:
@@ -276,12 +445,29 @@ class Countdown:
         return out
 
     def check(self, expression: str | None, numbers: Sequence[int], target: int) -> bool:
-        """Whether ``expression`` uses ``numbers`` (each exactly once, all of them if ``use_all``) and equals
-        ``target``."""
-        if expression is None:
+        """Whether the answer ``expression`` reaches ``target`` with ``numbers`` (each at most once, all of them
+        exactly once if ``use_all``).
+
+        ``expression`` is an expression, or an equation with exactly one ``=`` one side of which is an expression
+        and the other the target as a plain integer (``(3 + 5) * 2 = 16`` or ``16 = (3 + 5) * 2``); both sides
+        expressions, a wrong target side, several ``=`` or any non-ASCII character are rejected."""
+        if not isinstance(expression, str) or not expression.isascii():
             return False
-        expression = expression.split("=")[0] if expression.count("=") == 1 else expression
-        parsed = parse_expression(expression, return_numbers=True)
+        sides = expression.split("=")
+        if len(sides) == 1:
+            return self._check_expression(sides[0], numbers, target)
+        if len(sides) != 2:
+            return False
+        left, right = (x.strip(_ASCII_WS) for x in sides)
+        return ((self._is_target(right, target) and self._check_expression(left, numbers, target))
+                or (self._is_target(left, target) and self._check_expression(right, numbers, target)))
+
+    @staticmethod
+    def _is_target(text: str, target: int) -> bool:
+        return len(text) <= 30 and _TARGET_LITERAL_RE.fullmatch(text) is not None and int(text) == target
+
+    def _check_expression(self, expression: str, numbers: Sequence[int], target: int) -> bool:
+        parsed = parse_expression(expression, return_numbers=True, unary_minus=self.unary_minus)
         if parsed is None:
             return False
         value, used = parsed
@@ -301,7 +487,10 @@ class Countdown:
 
 @dataclasses.dataclass(frozen=True)
 class Arithmetic:
-    """Multi-digit arithmetic ``a op b`` with ``digits``-digit operands; ``ops`` from ``"+-*"``."""
+    """Multi-digit arithmetic ``a op b`` with ``digits``-digit operands; ``ops`` from ``"+-*"``.
+
+    Correct when the answer section holds exactly one well-formed ASCII number equal to the answer
+    (:func:`final_number`; ``strict=False``: the last number of a completion without any answer tag)."""
 
     digits: int = 2
     ops: str = "+"
@@ -355,15 +544,63 @@ class DigitsTask:
         return sum("0" <= c <= "9" for c in chars) / len(chars) if chars else 0.0
 
 
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Co", "Cs", "Cn"})  # control, format (zero-width), private, unassigned
+_RG_COUNTDOWN_TARGETS = {"countdown": None, "puzzle24": 24}  # None: the entry's metadata["target"]
+
+
+def score_reasoning_gym_answer(answer: str | None, entry: dict, verify) -> float:
+    """esx's rules around a reasoning-gym verifier (the module docstring, "reasoning-gym"): ``1.0`` or ``0.0``.
+
+    Args:
+      answer: the extracted answer (``None``: none).
+      entry: the reasoning-gym dataset entry (``question``, ``answer``, ``metadata``).
+      verify: the dataset's verifier, ``verify(answer=..., entry=...) -> float`` (full credit ``1.0``); an
+        exception from it is a wrong answer.
+    """
+    if not isinstance(answer, str) or not answer:
+        return 0.0
+    if any(unicodedata.category(c) in _INVISIBLE_CATEGORIES and c not in "\t\n\r" for c in answer):
+        return 0.0
+    reference = entry.get("answer")
+    reference = reference if isinstance(reference, str) else str(reference)
+    if reference.isascii() and not answer.isascii():
+        return 0.0
+    metadata = entry.get("metadata") or {}
+    source = metadata.get("source_dataset")
+    if source in _RG_COUNTDOWN_TARGETS:
+        target = _RG_COUNTDOWN_TARGETS[source]
+        target = metadata.get("target") if target is None else target
+        numbers = metadata.get("numbers")
+        if not isinstance(target, int) or not numbers:
+            return 0.0
+        return float(Countdown(use_all=True, unary_minus=True).check(answer, numbers, target))
+    if _SIGNED_NUMBER_RE.fullmatch(reference.strip(_ASCII_WS)):
+        got = parse_single_number(answer)
+        if got is None:
+            return 0.0
+        if got == parse_single_number(reference):
+            return 1.0
+        # the verifier sees only the number (sign and digits, commas dropped): it can grant a rounding tolerance
+        digits = _RUN_RE.search(answer).group().replace(",", "")
+        answer = ("-" if got < 0 else "") + digits
+    try:
+        return 1.0 if float(verify(answer=answer, entry=entry)) >= 1.0 else 0.0
+    except Exception:  # noqa: BLE001 - third-party verifiers may raise on odd strings; that is a wrong answer
+        return 0.0
+
+
 @dataclasses.dataclass(frozen=True)
 class ReasoningGym:
     """Problems from a `reasoning-gym <https://github.com/open-thought/reasoning-gym>`_ generator, scored by that
-    dataset's own verifier (optional: ``pip install reasoning-gym``, the ``llm-reasoning-gym`` extra).
+    dataset's own verifier under esx's answer rules (optional: ``pip install reasoning-gym``, the
+    ``llm-reasoning-gym`` extra).
 
     ``dataset`` is a reasoning-gym name (``"basic_arithmetic"``, ``"chain_sum"``, ``"countdown"``, ...) and
     ``options`` its keyword options as ``(key, value)`` pairs (a tuple, so the task stays hashable). The answer is
-    the ``<answer>`` section (``strict=False``: the completion's last line when there is none); a verifier that
-    raises on a malformed answer scores ``0.0``.
+    the answer section (``strict=False``: the completion's last non-empty line when it has no answer tag at all;
+    malformed tags score ``0.0``), judged by :func:`score_reasoning_gym_answer`: no invisible characters, ASCII when
+    the reference is, Countdown rules for ``countdown``/``puzzle24``, one well-formed number for a numeric
+    reference, and ``1.0`` only for the verifier's full credit (``0.0`` also when it raises).
     """
 
     dataset: str = "basic_arithmetic"
@@ -383,18 +620,19 @@ class ReasoningGym:
     def score(self, problem: Problem, completion: str) -> float:
         import reasoning_gym
 
-        answer = extract_answer(completion)
-        if answer is None and not self.strict and isinstance(completion, str):
-            lines = [x.strip() for x in completion[:8192].replace(ANSWER_STOP, "").splitlines() if x.strip()]
+        kind, answer = _answer_section(completion)
+        if kind == _ABSENT and not self.strict:
+            lines = [x.strip(_ASCII_WS) for x in completion.split("\n")]
+            lines = [x for x in lines if x]
             answer = lines[-1] if lines else None
-        if answer is None:
+        elif kind != _OK:
             return 0.0
         entry = problem.meta["entry"]
         try:
-            fn = reasoning_gym.get_score_answer_fn(entry["metadata"]["source_dataset"])
-            return float(fn(answer=answer, entry=entry))
-        except Exception:  # noqa: BLE001 - third-party verifiers may raise on odd strings; that is a wrong answer
+            verify = reasoning_gym.get_score_answer_fn(entry["metadata"]["source_dataset"])
+        except Exception:  # noqa: BLE001 - an entry without a known dataset cannot be scored
             return 0.0
+        return score_reasoning_gym_answer(answer, entry, verify)
 
 
 def gsm8k_final_answer(solution: str) -> Fraction | None:
@@ -431,8 +669,9 @@ def load_gsm8k(path: str | pathlib.Path, *, limit: int | None = None) -> list[Pr
 
 @dataclasses.dataclass(frozen=True)
 class GSM8K:
-    """GSM8K-style word problems from a list of problems (:func:`load_gsm8k`); correct when the last number in the
-    answer section equals the reference."""
+    """GSM8K-style word problems from a list of problems (:func:`load_gsm8k`); correct when the answer section holds
+    exactly one well-formed ASCII number, equal to the reference (words around it allowed: ``10 apples``); with
+    ``strict=False`` the last number of a completion without any answer tag (:func:`final_number`)."""
 
     problems: tuple = ()
     strict: bool = True
