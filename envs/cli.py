@@ -76,6 +76,8 @@ def _train_parser(config=None):
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--tensorboard", action="store_true",
                    help="also write the metrics as TensorBoard scalars to RUN_DIR/tensorboard (extra: tensorboard)")
+    p.add_argument("--plot-x", choices=("generation", "wall_time"), default="generation",
+                   help="horizontal axis of learning_curve.png (wall_time: seconds since the start)")
     p.add_argument("--devices", default=None, metavar="N|all",
                    help="shard the population over N devices (or all); same as devices=N (0 = all). On a "
                         "CPU-only machine the CPU gets one device per core (all) or N devices")
@@ -90,7 +92,7 @@ def _positionals(argv: list[str]) -> list[str]:
     for a in argv:
         if skip:
             skip = False
-        elif a in ("--run-dir", "--devices"):
+        elif a in ("--run-dir", "--devices", "--plot-x"):
             skip = True
         elif not a.startswith("-") and "=" not in a:
             out.append(a)
@@ -203,7 +205,7 @@ def train_main(argv: list[str] | None = None) -> int:
     print(f"esx train {config.name}: {config.summary()}{sharded}; run dir {run_dir}", flush=True)
     try:
         result = run.train(setup, run_dir, resume=args.resume, progress=not args.no_progress,
-                           tensorboard=args.tensorboard)
+                           tensorboard=args.tensorboard, plot_x=args.plot_x)
     except (CheckpointError, FileExistsError, ImportError) as e:
         return _error(prog, str(e))
     again = (f"esx train {args.config} {' '.join(args.overrides)} --run-dir {run_dir} --resume").replace("  ", " ")

@@ -90,7 +90,14 @@ def test_train_eval_resume_through_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "generation 8: greedy return over 4 episodes" in out
     assert cli.main(["eval", str(run_dir), "--episodes", "4"]) == 0
-    assert "greedy return over 4 episodes" in capsys.readouterr().out
+    assert "greedy return over 4 episodes (seed 12345)" in capsys.readouterr().out
+    # without options esx eval repeats the run's own final evaluation: the same number as summary.json
+    import json
+
+    final = json.loads((run_dir / "summary.json").read_text())["final_eval_return_mean"]
+    assert cli.main(["eval", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "(the run's final evaluation)" in out and f": {final:.2f} ±" in out
     # training longer is a run-control change: allowed on resume
     assert cli.main(["train", "cartpole", *TINY_OVERRIDES, "generations=10", "--run-dir", str(run_dir),
                      "--resume", "--no-progress"]) == 0
@@ -138,3 +145,64 @@ def test_devices_all_gives_the_cpu_one_device_per_core(tmp_path):
     assert explicit.returncode == 0, explicit.stderr
     assert "population sharded over 4 cpu devices" in explicit.stdout
     assert "generation 2: greedy return over 4 episodes" in explicit.stdout
+
+
+def test_version_and_config_help(capsys):
+    import esx
+
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"esx {esx.__version__}"
+    assert cli.main(["train", "cartpole", "--help"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line for line in out if line.startswith("  ") and len(line.split()) >= 3}
+    # cartpole's own values, not the class defaults (population 256, target 499.0, generations 300)
+    assert rows["generations"].split()[-1] == "300" and rows["target_return"].split()[-1] == "499.0"
+    assert rows["env"].split()[-1] == "'CartPole-v1'"
+    # the field table is aligned: every type starts in one column, every value in another
+    start = next(i for i, line in enumerate(out) if line.startswith("cartpole (RLConfig"))
+    table = [line for line in out[start + 1:] if line.startswith("  ") and len(line.split()) >= 3]
+    type_cols = {line.index(line.split()[1], len(line.split()[0]) + 2) for line in table}
+    assert len(type_cols) == 1, type_cols
+    assert cli.main(["train", "llm-arithmetic", "--help"]) == 0
+    llm_rows = [line for line in capsys.readouterr().out.splitlines() if "generations_per_prompt" in line]
+    assert llm_rows and llm_rows[0].split()[:2] == ["generations_per_prompt", "int"]
+
+
+def test_option_written_for_a_field_gets_a_hint(capsys):
+    assert cli.main(["train", "cartpole", "--generations", "5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "esx train: error: config fields are set as field=value: write generations=5 instead of " \
+                  "--generations"
+    assert cli.main(["train", "cartpole", "--population-size=8"]) == 2
+    assert "write population_size=8" in capsys.readouterr().err
+
+
+def test_learning_curve_target_line_and_wall_clock_axis(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert cli.main(["train", "cartpole", *TINY_OVERRIDES, "target_return=450", "--run-dir", str(run_dir),
+                     "--no-progress", "--plot-x", "wall_time"]) == 0
+    from esx import run
+    from esx_envs import configs
+
+    setup = run.make_setup(configs.apply_overrides(configs.get_config("cartpole"),
+                                                   [*TINY_OVERRIDES, "target_return=450"]))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    captured = {}
+    real = plt.Axes.axhline
+
+    def spy(ax, y=0, *a, **k):
+        captured.setdefault("hlines", []).append(y)
+        return real(ax, y, *a, **k)
+
+    plt.Axes.axhline = spy
+    try:
+        path = run.plot_learning_curve(run_dir, tmp_path / "c.png", setup=setup, x="wall_time")
+    finally:
+        plt.Axes.axhline = real
+    assert captured["hlines"] == [450.0] and path.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="valid axes"):
+        run.plot_learning_curve(run_dir, setup=setup, x="seconds")

@@ -42,3 +42,6 @@ def test_quickstart_notebook_fits():
     assert "generations: 300" in line
     assert mse < 0.2 * start, line
     assert any(o.get("output_type") == "display_data" for c in nb.cells for o in c.get("outputs", []))
+    runner = next(t for t in text.splitlines() if t.startswith("runner:"))
+    first, last = (float(v) for v in runner.split("MSE")[1].split("->"))
+    assert "generation 300" in runner and last < first < start, runner

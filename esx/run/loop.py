@@ -102,7 +102,7 @@ def _stop_on_sigterm():
 
 def train(task, run_dir: str | os.PathLike | None = None, *, resume: bool = False,
           progress: bool = True, callback: Callable[[dict], None] | None = None,
-          log: Callable[[str], None] | None = None, tensorboard: bool = False) -> Result:
+          log: Callable[[str], None] | None = None, tensorboard: bool = False, plot_x: str = "generation") -> Result:
     """Trains a task; see the module docstring.
 
     Args:
@@ -116,6 +116,7 @@ def train(task, run_dir: str | os.PathLike | None = None, *, resume: bool = Fals
       log: where to send one-line messages (default: ``print``).
       tensorboard: also write every metrics record to ``run_dir/tensorboard/`` (scalars ``train/...``,
         ``eval/...``, ``final/...`` by generation; needs the ``tensorboard`` extra and a ``run_dir``).
+      plot_x: the horizontal axis of ``learning_curve.png``: ``"generation"`` or ``"wall_time"``.
 
     Returns:
       :class:`Result`. A ``KeyboardInterrupt`` checkpoints the last completed generation and returns with
@@ -129,6 +130,8 @@ def train(task, run_dir: str | os.PathLike | None = None, *, resume: bool = Fals
     """
     t_start = time.perf_counter()
     log = log or print
+    if plot_x not in ("generation", "wall_time"):
+        raise ValueError(f"plot_x={plot_x!r}; valid axes are ['generation', 'wall_time']")
     if tensorboard:
         if run_dir is None:
             raise ValueError("tensorboard=True needs a run_dir")
@@ -136,29 +139,8 @@ def train(task, run_dir: str | os.PathLike | None = None, *, resume: bool = Fals
     setup = task if isinstance(task, Setup) else make_setup(task)
     config = setup.config
     run_path = Path(run_dir) if run_dir is not None else None
-    run_id = uuid.uuid4().hex
     records: list[dict] = []
-    if run_path is not None:
-        info_path = run_path / "run.json"
-        if resume:
-            if not info_path.exists():
-                raise CheckpointError(f"nothing to resume: {run_path} is not a run directory (no run.json)")
-            run_id = json.loads(info_path.read_text())["run_id"]
-            state, _ = restore_run(run_path, setup, run_id)
-            records_lib.truncate_logs(run_path, state.generation)
-            log(f"resumed {run_path} at generation {state.generation}")
-        else:
-            if info_path.exists():
-                raise FileExistsError(f"{run_path} already holds a run; pass resume=True (--resume) to continue "
-                                      "it or choose another run directory")
-            run_path.mkdir(parents=True, exist_ok=True)
-            info_path.write_text(json.dumps({"run_id": run_id, "created": time.time()}))
-            state = setup.initial_state()
-        (run_path / "config.json").write_text(json.dumps(to_dict(config), indent=1, sort_keys=True))
-    else:
-        if resume:
-            raise ValueError("resume=True needs a run_dir")
-        state = setup.initial_state()
+    state, run_id = _open_run(setup, run_path, resume, log)
     board = records_lib.TensorBoard(run_path, state.generation + 1) if tensorboard else None
 
     def emit(record: dict) -> None:
@@ -250,15 +232,50 @@ def train(task, run_dir: str | os.PathLike | None = None, *, resume: bool = Fals
         board.close()
     wall = time.perf_counter() - t_start
     if run_path is not None:
-        summary = {"generation": state.generation, "score": setup.score, f"final_{setup.score}": final_score,
-                   "final": jsonable(final), "reached_target": reached, "time_to_target_s": time_to_target,
-                   "wall_time_s": wall, "interrupted": interrupted, "out_of_time": out_of_time}
-        summary.update(setup.summary_extra)
-        (run_path / "summary.json").write_text(json.dumps(summary, indent=1))
-        records_lib.write_csv(run_path, records_lib.read_metrics(run_path))
-        records_lib.plot_learning_curve(run_path, title=f"{config.name}: {config.summary()}", setup=setup)
+        _write_summary(run_path, setup, state, final, final_score, reached, time_to_target, wall, interrupted,
+                       out_of_time, plot_x)
     return Result(state, run_path, final, final_score, final_values, reached, time_to_target, wall, interrupted,
                   out_of_time, records)
+
+
+def _open_run(setup: Setup, run_path: Path | None, resume: bool, log: Callable[[str], None]):
+    """The starting state and run id: a new run directory (``run.json``, ``config.json``), the newest checkpoint
+    of an existing one (``resume``; records after it are dropped), or no directory at all."""
+    run_id = uuid.uuid4().hex
+    if run_path is None:
+        if resume:
+            raise ValueError("resume=True needs a run_dir")
+        return setup.initial_state(), run_id
+    info_path = run_path / "run.json"
+    if resume:
+        if not info_path.exists():
+            raise CheckpointError(f"nothing to resume: {run_path} is not a run directory (no run.json)")
+        run_id = json.loads(info_path.read_text())["run_id"]
+        state, _ = restore_run(run_path, setup, run_id)
+        records_lib.truncate_logs(run_path, state.generation)
+        log(f"resumed {run_path} at generation {state.generation}")
+    else:
+        if info_path.exists():
+            raise FileExistsError(f"{run_path} already holds a run; pass resume=True (--resume) to continue "
+                                  "it or choose another run directory")
+        run_path.mkdir(parents=True, exist_ok=True)
+        info_path.write_text(json.dumps({"run_id": run_id, "created": time.time()}))
+        state = setup.initial_state()
+    (run_path / "config.json").write_text(json.dumps(to_dict(setup.config), indent=1, sort_keys=True))
+    return state, run_id
+
+
+def _write_summary(run_path: Path, setup: Setup, state: RunState, final: dict, final_score: float, reached: bool,
+                   time_to_target: float | None, wall: float, interrupted: bool, out_of_time: bool,
+                   plot_x: str) -> None:
+    """``summary.json``, ``metrics.csv`` and ``learning_curve.png`` of a finished (or stopped) call."""
+    summary = {"generation": state.generation, "score": setup.score, f"final_{setup.score}": final_score,
+               "final": jsonable(final), "reached_target": reached, "time_to_target_s": time_to_target,
+               "wall_time_s": wall, "interrupted": interrupted, "out_of_time": out_of_time, **setup.summary_extra}
+    (run_path / "summary.json").write_text(json.dumps(summary, indent=1))
+    records_lib.write_csv(run_path, records_lib.read_metrics(run_path))
+    records_lib.plot_learning_curve(run_path, title=f"{setup.config.name}: {setup.config.summary()}", setup=setup,
+                                    x=plot_x)
 
 
 def load_run(run_dir: str | os.PathLike, setup: Setup | None = None) -> tuple[Setup, RunState]:

@@ -149,6 +149,7 @@ class TensorBoard:
 
 
 def jsonable(d: dict) -> dict:
+    """The entries of ``d`` that JSON can hold as they are (numbers, strings, bools, lists, ``None``)."""
     return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool, list)) or v is None}
 
 
