@@ -562,7 +562,10 @@ def run(*, cases=CASES, quick: bool = False, repeats: int | None = None, sources
     meta.update({"quick": quick, "repeats": repeats, "sources": list(sources)})
     say = printer or (lambda s: None)
     say(f"esx bench  device={meta['device']}  jax={meta['jax']}  python={meta['python']}  "
-        f"cpus={meta['cpu_count']}  quick={quick}  repeats={repeats}")
+        f"cpus={meta['cpu_count']}  quick={quick}  repeats={repeats}  {load_line(meta)}")
+    warning = load_warning(meta)
+    if warning:
+        say(warning)
     results = {}
     for name in cases:
         t0 = time.perf_counter()
@@ -575,7 +578,24 @@ def run(*, cases=CASES, quick: bool = False, repeats: int | None = None, sources
             say(line)
     if hasattr(os, "getloadavg"):
         meta["loadavg_end"] = list(os.getloadavg())
+        say(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in meta['loadavg_end'])}")
     return {"meta": meta, "cases": results}
+
+
+def load_line(meta: dict) -> str:
+    """``load=1.02/0.95/0.80`` (1, 5 and 15 minutes) from ``meta["loadavg_start"]``, or ``load=?``."""
+    load = meta.get("loadavg_start")
+    return "load=" + ("/".join(f"{x:.2f}" for x in load) if load else "?")
+
+
+def load_warning(meta: dict) -> str | None:
+    """A warning when the 1-minute load average at the start is above one per core (timings then measure the other
+    jobs too: a ratio measured under load can be off by 1.5x), else ``None``."""
+    load, cpus = meta.get("loadavg_start"), meta.get("cpu_count") or 1
+    if load and load[0] > cpus:
+        return (f"WARNING: load average {load[0]:.2f} is above 1 per core ({cpus} cores): other jobs share this "
+                "machine, so timings and ratios are not reliable; measure again on a quiet machine")
+    return None
 
 
 def format_case(name: str, res: dict) -> list[str]:

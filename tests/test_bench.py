@@ -53,3 +53,11 @@ def test_import_esx_does_not_import_evosax_or_psutil():
     code = "import sys, esx, esx_envs.bench; print('evosax' in sys.modules, 'psutil' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_load_line_and_warning():
+    meta = {"loadavg_start": [2.5, 1.0, 0.5], "cpu_count": 2}
+    assert bench.load_line(meta) == "load=2.50/1.00/0.50"
+    assert "above 1 per core (2 cores)" in bench.load_warning(meta)
+    assert bench.load_warning({"loadavg_start": [1.9, 3.0, 3.0], "cpu_count": 2}) is None
+    assert bench.load_line({}) == "load=?" and bench.load_warning({}) is None
