@@ -12,11 +12,11 @@ The public API (everything else is internal):
 Only jax, optax and numpy are imported here.
 """
 from esx import int_eggroll, labels, noise, shaping
+from esx.base import Config, Metrics, Population, State, Strategy, paper_learning_rate, step
 from esx.eggroll import eggroll
 from esx.labels import FROZEN, FULL, LOWRANK, make_labels
 from esx.open_es import open_es
 from esx.ops import Full, LowRank, SplitLowRank, dense, embed, prepare, value
-from esx.strategy import Config, Metrics, Population, State, Strategy, paper_learning_rate, step
 
 __version__ = "0.1.0"
 

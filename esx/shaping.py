@@ -44,7 +44,7 @@ def sanitize(fitness: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def identity(fitness: jax.Array) -> jax.Array:
-    """Raw fitness (non-finite replaced by the worst finite value)."""
+    """Raw fitness (non-finite replaced by the worst finite value). ``float[N] -> float[N]``."""
     return sanitize(fitness)[0]
 
 
@@ -72,6 +72,9 @@ def group_z_score(group_size: int) -> Shaping:
     Args:
       group_size: number of consecutive members that share data (a prompt, a sequence, an env seed).
         The population size must be a multiple of it.
+
+    Returns:
+      the shaping ``float[N] -> float[N]``.
     """
     if group_size < 1:
         raise ValueError(f"group_z_score: group_size={group_size}; must be >= 1")
@@ -115,7 +118,7 @@ SHAPINGS: dict[str, Shaping] = {
 
 def get(name_or_fn: str | Shaping, group_size: int = 1) -> Shaping:
     """Resolves a shaping name (``"centered_rank"``, ``"z_score"``, ``"group_z_score"``, ``"pair_sign"``,
-    ``"identity"``) or returns a callable unchanged."""
+    ``"identity"``) or returns a callable unchanged: a shaping ``float[N] -> float[N]``."""
     if callable(name_or_fn):
         return name_or_fn
     if name_or_fn == "group_z_score":

@@ -4,11 +4,13 @@ import math
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from absl.testing import parameterized
 
 import esx
 
@@ -194,8 +196,7 @@ def test_antithetic_pairs_see_opposite_noise_and_equal_fitness_gives_zero_update
         for name in params:
             np.testing.assert_allclose(plus[name] - params[name], -(minus[name] - params[name]), atol=1e-6)
     new_state, _ = strategy.tell(state, jnp.full((8,), 3.0))
-    for name in params:
-        np.testing.assert_array_equal(new_state.params[name], params[name])
+    chex.assert_trees_all_equal(new_state.params, params)
 
 
 def test_update_of_64x64_matrix_has_full_rank():
@@ -220,10 +221,8 @@ def test_same_key_gives_bit_identical_state():
         return state
 
     s1, s2 = run(), run()
-    for a, b in zip(jax.tree_util.tree_leaves(s1.params), jax.tree_util.tree_leaves(s2.params)):
-        np.testing.assert_array_equal(a, b)
-    for a, b in zip(jax.tree_util.tree_leaves(s1.opt_state), jax.tree_util.tree_leaves(s2.opt_state)):
-        np.testing.assert_array_equal(a, b)
+    chex.assert_trees_all_equal((s1.params, s1.opt_state, s1.sigma, s1.generation),
+                                (s2.params, s2.opt_state, s2.sigma, s2.generation))
 
 
 def test_adding_or_reordering_leaves_keeps_noise_of_existing_leaves():
@@ -252,7 +251,7 @@ def test_member_noise_depends_only_on_its_id():
         ref = jnp.sum(x @ materialise(s, state, i)["w_in_out"])
         np.testing.assert_allclose(all_f[i], ref, rtol=1e-5)
     part = s.evaluate(state, fit, jax.random.key(0), x, pairs=jnp.array([3, 1]))
-    np.testing.assert_allclose(part, all_f[jnp.array([6, 7, 2, 3])], rtol=1e-6)
+    chex.assert_trees_all_close(part, all_f[jnp.array([6, 7, 2, 3])], rtol=1e-6)
 
 
 @pytest.mark.parametrize("reuse", [0, 1, 3])
@@ -295,26 +294,53 @@ def test_second_step_does_not_recompile_and_sigma_vmap_compiles_once():
     params = {"w": jnp.zeros((3, 2))}
     s = esx.eggroll(population_size=8, sigma=0.1, rank=1, optimizer=optax.sgd(0.1))
     state = s.init(jax.random.key(0), params)
-    fit = lambda p, k, d: -jnp.sum((esx.dense(d, p["w"]) - 1.0) ** 2)
     x = jnp.ones((2, 3))
+    chex.clear_trace_counter()
+
+    # The fitness function is traced once per compilation of esx.step: a retrace would fail here.
+    @chex.assert_max_traces(n=1)
+    def fit(p, k, d):
+        return -jnp.sum((esx.dense(d, p["w"]) - 1.0) ** 2)
+
     state, _ = esx.step(s, state, fit, jax.random.key(0), x)
     before = esx.step._cache_size()
     state, _ = esx.step(s, state, fit, jax.random.key(1), x)
+    state, _ = esx.step(s, state.replace(sigma=jnp.float32(0.3)), fit, jax.random.key(2), x)
     assert esx.step._cache_size() == before
 
-    traces = []
-
     @jax.jit
+    @chex.assert_max_traces(n=1)
     def sweep(st, sigmas):
-        traces.append(1)
-        return jax.vmap(lambda sg: esx.step(s, st.replace(sigma=sg), fit, jax.random.key(2), x)[0].params)(sigmas)
+        fit2 = lambda p, k, d: -jnp.sum((esx.dense(d, p["w"]) - 1.0) ** 2)
+        return jax.vmap(lambda sg: esx.step(s, st.replace(sigma=sg), fit2, jax.random.key(2), x)[0].params)(sigmas)
 
     out1 = sweep(state, jnp.array([0.01, 0.1, 1.0]))
     out2 = sweep(state, jnp.array([0.02, 0.2, 2.0]))
-    assert len(traces) == 1
     assert out1["w"].shape == (3, 3, 2)
     # Different σ really give different updates.
     assert not np.allclose(out1["w"][0], out1["w"][2]) and not np.allclose(out1["w"][0], out2["w"][0])
+
+
+def test_tell_and_evaluate_trace_once_across_generations():
+    """A jitted ``tell`` / ``evaluate`` is traced once for a whole run: the generation, σ and the fitness are
+    leaves, not static values (both strategy families)."""
+    params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+    for s in (esx.eggroll(population_size=8, sigma=0.1, optimizer=optax.adam(0.1)),
+              esx.open_es(population_size=8, sigma=0.1, optimizer=optax.adam(0.1))):
+        chex.clear_trace_counter()  # chex counts traces by source location: one count per strategy
+        tell = jax.jit(chex.assert_max_traces(s.tell, n=1))
+        fit = lambda p, k, d: jnp.sum(esx.dense(d, p["w"])) + jnp.sum(esx.value(p["b"]))
+        evaluate = jax.jit(chex.assert_max_traces(lambda st, k: s.evaluate(st, fit, k, jnp.ones((1, 3))), n=1))
+        state = s.init(jax.random.key(0), params)
+        for g in range(3):
+            state, _ = tell(state, evaluate(state, jax.random.key(g)))
+        assert int(state.generation) == 3
+    chex.clear_trace_counter()
+    s = esx.int_eggroll.int_eggroll(population_size=8)
+    tell = jax.jit(chex.assert_max_traces(s.tell, n=1))
+    state = s.init(jax.random.key(0), {"w": jnp.zeros((4, 4), jnp.int8)})
+    for g in range(3):
+        state, _ = tell(state, jax.random.randint(jax.random.key(g), (8,), 0, 9))
 
 
 def test_sigma_schedule_is_followed():
@@ -585,3 +611,54 @@ def test_stacked_full_leaves_scan_like_lowrank_ones():
         ref = jnp.tanh(ref @ dense["w"][i] + dense["b"][i])
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
     assert not np.allclose(dense["b"], params["b"])
+
+
+# ---------------------------------------------------------------- with and without jit (chex.variants)
+class WithAndWithoutJitTest(chex.TestCase):
+    """The core identities hold both eagerly and under ``jit``: evaluate and tell against a dense reference."""
+
+    def setUp(self):
+        super().setUp()
+        self.params = small_params()
+        self.x = jax.random.normal(jax.random.key(2), (2, 5))
+
+    def fit(self, p, key, d):
+        return jnp.sum(jnp.tanh(esx.dense(d, p["w_in_out"]))) + jnp.sum(esx.value(p["b"]) ** 2)
+
+    def dense_fit(self, p, d):
+        return jnp.sum(jnp.tanh(d @ p["w_in_out"])) + jnp.sum(p["b"] ** 2)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(("eggroll", True), ("eggroll", False), ("open_es", True))
+    def test_evaluate_equals_dense_reference(self, name, antithetic):
+        s = STRATEGIES[name](population_size=6, sigma=0.3, optimizer=optax.sgd(1.0), antithetic=antithetic, rank=2)
+        state = s.init(jax.random.key(1), self.params)
+        got = self.variant(lambda st: s.evaluate(st, self.fit, jax.random.key(0), self.x))(state)
+        chex.assert_shape(got, (6,))
+        want = jnp.stack([self.dense_fit(materialise(s, state, i), self.x) for i in range(6)])
+        chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
+        part = self.variant(lambda st: s.evaluate(st, self.fit, jax.random.key(0), self.x,
+                                                  pairs=jnp.array([2, 0])))(state)
+        members = [4, 5, 0, 1] if antithetic else [2, 0]
+        chex.assert_trees_all_close(part, want[jnp.array(members)], rtol=1e-5, atol=1e-5)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters("eggroll", "open_es")
+    def test_tell_equals_dense_reference(self, name):
+        n, sigma = 8, 0.25
+        s = STRATEGIES[name](population_size=n, sigma=sigma, optimizer=optax.sgd(1.0), shaping="identity", rank=3)
+        state = s.init(jax.random.key(3), self.params)
+        fitness = jax.random.normal(jax.random.key(4), (n,))
+        ref = jax.tree_util.tree_map(jnp.zeros_like, self.params)
+        for i in range(n):
+            member = materialise(s, state, i)
+            ref = jax.tree_util.tree_map(lambda r, m, p: r + fitness[i] * (m - p) / sigma, ref, member, self.params)
+        ref = jax.tree_util.tree_map(lambda r: r / (n * sigma), ref)
+        new_state, metrics = self.variant(s.tell)(state, fitness)
+        got = jax.tree_util.tree_map(lambda new, old: new - old, new_state.params, self.params)
+        chex.assert_trees_all_close(got, ref, rtol=1e-4, atol=1e-5)
+        # gradient over two disjoint halves of the pairs sums to the whole estimate (the sharded "reduce" path).
+        grad = self.variant(lambda st, f, p: s.gradient(st, f, pairs=p))
+        halves = [grad(state, fitness, jnp.array([0, 2])), grad(state, fitness, jnp.array([1, 3]))]
+        chex.assert_trees_all_close(jax.tree_util.tree_map(jnp.add, *halves), ref, rtol=1e-4, atol=1e-5)
+        chex.assert_trees_all_equal(metrics.generation, jnp.int32(0))

@@ -1,6 +1,7 @@
 """Every noise source against its definition (esx/noise.py): moments, determinism, exact formula."""
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,10 +34,12 @@ def test_deterministic_and_key_dependent(source):
     a = draw(source, k, (64, 3))
     b = draw(source, k, (64, 3))
     c = draw(source, jax.random.key(12), (64, 3))
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    chex.assert_trees_all_equal(a, b)
     assert not np.array_equal(np.asarray(a), np.asarray(c))
     jitted = jax.jit(lambda kk: draw(source, kk, (64, 3)))(k)
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(jitted))
+    chex.assert_trees_all_equal(a, jitted)
+    chex.assert_shape(a, (64, 3))
+    chex.assert_type(a, jnp.float32)
 
 
 @pytest.mark.parametrize("source", SOURCES)
@@ -52,8 +55,7 @@ def test_members_uncorrelated(source):
 
 def test_normal_is_jax_random_normal():
     k = jax.random.key(5)
-    np.testing.assert_array_equal(np.asarray(draw("normal", k, (7, 3))),
-                                  np.asarray(jax.random.normal(k, (7, 3), jnp.float32)))
+    chex.assert_trees_all_equal(draw("normal", k, (7, 3)), jax.random.normal(k, (7, 3), jnp.float32))
 
 
 def test_rademacher_is_32_signs_per_word():
@@ -131,12 +133,11 @@ def test_lowrank_factors_split_one_draw(source):
     table = TABLE if source == "table" else None
     a, b = noise.lowrank_factors(k, (5, 7), 3, jnp.float32, source, table)
     ab = noise.sample(k, (12, 3), jnp.float32, source, table)
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(ab[:5]))
-    np.testing.assert_array_equal(np.asarray(b), np.asarray(ab[5:]))
+    chex.assert_trees_all_equal((a, b), (ab[:5], ab[5:]))
     sa, sb = noise.lowrank_factors(k, (2, 5, 7), 3, jnp.float32, source, table)
+    chex.assert_shape((sa, sb), [(2, 5, 3), (2, 7, 3)])
     ab1 = noise.sample(jax.random.fold_in(k, 1), (12, 3), jnp.float32, source, table)
-    np.testing.assert_array_equal(np.asarray(sa[1]), np.asarray(ab1[:5]))
-    np.testing.assert_array_equal(np.asarray(sb[1]), np.asarray(ab1[5:]))
+    chex.assert_trees_all_equal((sa[1], sb[1]), (ab1[:5], ab1[5:]))
 
 
 @pytest.mark.parametrize("source", ["hash", "binomial"])
@@ -153,3 +154,22 @@ def test_lowrank_perturbation_entries_unit_variance(source):
 def test_unknown_source():
     with pytest.raises(ValueError, match="valid sources"):
         noise.sample(jax.random.key(0), (3,), jnp.float32, "gaussian")
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_batched_population_draws_equal_the_documented_keys(source):
+    """noise.leaf_noise on noise.member_keys (what a strategy draws per pair, size classes merged) gives, leaf for
+    leaf, lowrank_factors / full_noise of member_key(base, path, generation, pair)."""
+    leaves = [jnp.zeros((5, 3)), jnp.zeros((3, 4, 4)), jnp.zeros(7), jnp.zeros((2, 9)), jnp.zeros((3, 3))]
+    labels = ["lowrank", "lowrank", "full", "full", "frozen"]
+    paths = ["a/w", "stack", "b", "c", "frozen"]
+    base, gen, pair = jax.random.key(3), jnp.int32(5), jnp.int32(6)
+    got = noise.leaf_noise(noise.member_keys(base, paths, gen, pair, 2), leaves, labels, 2, source, TABLE)
+    for path, leaf, lab, x in zip(paths, leaves, labels, got):
+        k = noise.member_key(base, path, gen, pair, 2)
+        if lab == "lowrank":
+            chex.assert_trees_all_equal(x, noise.lowrank_factors(k, leaf.shape, 2, jnp.float32, source, TABLE))
+        elif lab == "full":
+            chex.assert_trees_all_equal(x, noise.full_noise(k, leaf.shape, jnp.float32, source, TABLE))
+        else:
+            assert x is None
