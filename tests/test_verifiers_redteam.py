@@ -705,3 +705,16 @@ def test_rg_real_numeric_datasets_reject_sneaky_answers(reasoning_gym, family, i
         assert task.score(p, f"<answer>{answer}</answer>") == 0.0, (dataset, answer)
         if family in LENIENT_FAMILIES:  # lenient: the last line
             assert task.score(p, f"thinking\n{answer}") == 0.0, (dataset, answer)
+
+
+def test_reasoning_gym_datasets_whose_verifier_evaluates_code_are_refused():
+    """n_queens & co. run the answer through eval / sympy.parse_expr: refused at the task and at the config."""
+    from esx.run import ConfigError
+    from esx_envs.llm.config import LLMConfig
+
+    for name in sorted(tasks.UNSAFE_REASONING_GYM):
+        with pytest.raises(ValueError, match="evaluates the model's answer as code"):
+            tasks.get_task(f"rg:{name}")
+        with pytest.raises(ConfigError, match="evaluates the model's"):
+            LLMConfig(task=f"rg:{name}")
+    assert "countdown" not in tasks.UNSAFE_REASONING_GYM and "basic_arithmetic" not in tasks.UNSAFE_REASONING_GYM

@@ -83,6 +83,10 @@ class LLMConfig(RunConfig):
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"task={self.task!r}{hint}; valid tasks are {list(LLM_TASKS)} or "
                               "'rg:<reasoning-gym dataset>'")
+        if self.task.startswith("rg:") and self.task[3:] in tasks_lib.UNSAFE_REASONING_GYM:
+            raise ConfigError(f"task={self.task!r}: this reasoning-gym dataset's verifier evaluates the model's "
+                              "answer as code; refused datasets: "
+                              f"{sorted(tasks_lib.UNSAFE_REASONING_GYM)}")
         if self.task == "gsm8k" and not self.gsm8k:
             raise ConfigError("task='gsm8k' needs gsm8k=<path of a GSM8K jsonl file>")
         if self.population_size % self.group_size or self.group_size % 2:

@@ -589,6 +589,15 @@ def score_reasoning_gym_answer(answer: str | None, entry: dict, verify) -> float
         return 0.0
 
 
+#: reasoning-gym datasets whose own verifiers run the model's text through ``eval`` (``n_queens``,
+#: ``binary_matrix``, ``spiral_matrix``, ``string_insertion``) or ``sympy.parse_expr`` (which evaluates Python:
+#: ``simple_integration``, ``intermediate_integration``, ``polynomial_multiplication``) in reasoning-gym 0.1.25.
+#: A population optimizer would search that surface, so esx refuses them (``countdown`` and ``puzzle24`` are
+#: scored by esx's own Countdown parser instead of their ``eval``-based checkers).
+UNSAFE_REASONING_GYM = frozenset({"n_queens", "binary_matrix", "spiral_matrix", "string_insertion",
+                                  "simple_integration", "intermediate_integration", "polynomial_multiplication"})
+
+
 @dataclasses.dataclass(frozen=True)
 class ReasoningGym:
     """Problems from a `reasoning-gym <https://github.com/open-thought/reasoning-gym>`_ generator, scored by that
@@ -609,6 +618,10 @@ class ReasoningGym:
     name: str = "reasoning_gym"
 
     def __post_init__(self):
+        if self.dataset in UNSAFE_REASONING_GYM:
+            raise ValueError(f"reasoning-gym dataset {self.dataset!r} is refused: its verifier evaluates the model's "
+                             "answer as code (eval / sympy.parse_expr), which a population optimizer would exploit; "
+                             f"refused datasets: {sorted(UNSAFE_REASONING_GYM)}")
         import reasoning_gym  # noqa: F401 - a clear ImportError here rather than at the first sample
 
     def sample(self, rng: random.Random, n: int) -> list[Problem]:
