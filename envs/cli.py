@@ -254,19 +254,20 @@ def eval_main(argv: list[str] | None = None) -> int:
     p.add_argument("--episodes", type=int, default=None, help="RL: greedy episodes of a fresh evaluation")
     p.add_argument("--seed", type=int, default=None, help="RL: seed of a fresh evaluation")
     args = p.parse_args(argv)
-    from esx.run import CheckpointError, ConfigError, config_from_dict, evaluate_run_summary
+    from esx.run import CheckpointError, ConfigError, evaluate_run_summary
+    from esx_envs.configs import LEGACY_KIND, from_dict
 
     if not Path(args.run_dir).is_dir():
         return _error(prog, f"{args.run_dir} is not a directory")
     try:
-        kind = config_from_dict(json.loads((Path(args.run_dir) / "config.json").read_text())).KIND
+        kind = from_dict(json.loads((Path(args.run_dir) / "config.json").read_text())).KIND
     except (OSError, ValueError) as e:
         return _error(prog, f"{args.run_dir} is not a run directory ({e})")
     try:
         if kind != "rl":
             if args.episodes is not None or args.seed is not None:
                 return _error(prog, f"--episodes / --seed apply to RL runs; {args.run_dir} is a {kind!r} run")
-            setup, state, summary = evaluate_run_summary(args.run_dir)
+            setup, state, summary = evaluate_run_summary(args.run_dir, default_kind=LEGACY_KIND)
             print(f"{args.run_dir} (generation {state.generation}): {_format_summary(summary)}")
             return 0
         from esx_envs.rl.task import evaluate_run

@@ -16,8 +16,7 @@ import dataclasses
 import difflib
 import typing
 
-from esx.run import ConfigError, RunConfig, apply_overrides, task_class, task_classes, to_dict
-from esx.run import config_from_dict as from_dict
+from esx.run import ConfigError, RunConfig, apply_overrides, config_from_dict, task_class, task_classes, to_dict
 from esx.run.config import field_names
 from esx_envs.egg.task import EggRunConfig
 from esx_envs.llm.config import LLMConfig
@@ -59,6 +58,15 @@ CONFIGS: dict[str, RunConfig] = {
         val_size=16, eval_every=10, checkpoint_every=20,
     ),
 }
+
+
+#: the kind of a saved config without a ``"kind"`` field (written before kinds existed: RL runs).
+LEGACY_KIND = "rl"
+
+
+def from_dict(d: dict) -> RunConfig:
+    """The config of a saved dict (``config.json``); one without ``"kind"`` is an RL config (:data:`LEGACY_KIND`)."""
+    return config_from_dict(d, default_kind=LEGACY_KIND)
 
 
 def get_config(name: str) -> RunConfig:
@@ -104,5 +112,5 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
 
 
-__all__ = ["CONFIGS", "ConfigError", "EggRunConfig", "LLMConfig", "RLConfig", "apply_overrides", "describe",
+__all__ = ["CONFIGS", "LEGACY_KIND", "ConfigError", "EggRunConfig", "LLMConfig", "RLConfig", "apply_overrides", "describe",
            "field_names", "from_dict", "get_config", "to_dict"]

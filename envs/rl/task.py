@@ -229,7 +229,7 @@ def evaluate_run(run_dir, *, episodes: int | None = None, seed: int | None = Non
     """
     from esx.run import load_run
 
-    setup, state = load_run(run_dir)
+    setup, state = load_run(run_dir, default_kind="rl")
     if setup.config.KIND != "rl":
         raise ConfigError(f"{run_dir} is a {setup.config.KIND!r} run, not an RL run")
     if episodes is None and seed is None:

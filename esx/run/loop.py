@@ -278,13 +278,15 @@ def _write_summary(run_path: Path, setup: Setup, state: RunState, final: dict, f
                                     x=plot_x)
 
 
-def load_run(run_dir: str | os.PathLike, setup: Setup | None = None) -> tuple[Setup, RunState]:
+def load_run(run_dir: str | os.PathLike, setup: Setup | None = None, *,
+             default_kind: str | None = None) -> tuple[Setup, RunState]:
     """The setup and the newest checkpointed state of a run directory.
 
     Args:
       run_dir: a directory written by :func:`train`.
       setup: the run's :class:`Setup` (needed for a task that is not registered, e.g. a
         :func:`~esx.run.fitness_task`); default: rebuilt from ``config.json`` through the task registry.
+      default_kind: the kind of a ``config.json`` without ``"kind"`` (see :func:`~esx.run.config_from_dict`).
 
     Raises:
       CheckpointError: not a run directory, no usable checkpoint; ConfigError: the run's kind is not installed.
@@ -294,16 +296,17 @@ def load_run(run_dir: str | os.PathLike, setup: Setup | None = None) -> tuple[Se
     if not cfg_path.exists():
         raise CheckpointError(f"{run_dir} is not a run directory (no config.json)")
     if setup is None:
-        setup = make_setup(config_from_dict(json.loads(cfg_path.read_text())))
+        setup = make_setup(config_from_dict(json.loads(cfg_path.read_text()), default_kind=default_kind))
     run_id = json.loads((run_dir / "run.json").read_text())["run_id"] if (run_dir / "run.json").exists() else None
     state, _ = restore_run(run_dir, setup, run_id)
     return setup, state
 
 
-def evaluate_run_summary(run_dir: str | os.PathLike, setup: Setup | None = None) -> tuple[Setup, RunState, dict]:
+def evaluate_run_summary(run_dir: str | os.PathLike, setup: Setup | None = None, *,
+                         default_kind: str | None = None) -> tuple[Setup, RunState, dict]:
     """The final evaluation (``setup.evaluate(state, final=True)``, the same keys as the run's own final
-    evaluation) of the newest checkpoint of a run directory."""
-    setup, state = load_run(run_dir, setup)
+    evaluation) of the newest checkpoint of a run directory (arguments as :func:`load_run`)."""
+    setup, state = load_run(run_dir, setup, default_kind=default_kind)
     summary, _ = setup.evaluate(state, True)
     return setup, state, summary
 

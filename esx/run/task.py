@@ -252,10 +252,18 @@ def task_class(kind: str) -> type:
     return _load(kind, found[kind].value)
 
 
-def config_from_dict(d: dict) -> RunConfig:
-    """The config saved by ``to_dict`` (``config.json``, checkpoints); a dict without ``"kind"`` is an RL config
-    (files written before kinds existed)."""
-    return task_class(d.get("kind", "rl")).from_dict(d)
+def config_from_dict(d: dict, *, default_kind: str | None = None) -> RunConfig:
+    """The config saved by ``to_dict`` (``config.json``, checkpoints), built by its kind's registered class.
+
+    Args:
+      d: the saved dict.
+      default_kind: the kind of a dict without ``"kind"`` (files written before kinds existed); ``None``: such a
+        dict is an error.
+    """
+    kind = d.get("kind", default_kind)
+    if kind is None:
+        raise ConfigError(f"saved config has no 'kind' field; registered kinds are {sorted(task_classes())}")
+    return task_class(kind).from_dict(d)
 
 
 def make_setup(config) -> Setup:
