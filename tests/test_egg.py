@@ -1,6 +1,7 @@
 """Tests of the integer EGG model, integer EGGROLL, the byte data loader and the float twin."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -14,6 +15,7 @@ import pytest
 import esx
 from esx import int_eggroll as ie
 from esx_envs import egg
+from esx_envs.egg import model as egg_model
 from esx_envs.egg import text_data
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -284,6 +286,10 @@ def test_forward_and_fitness_jaxprs_are_integer_only():
     _walk(jax.make_jaxpr(lambda p, t: egg.forward(p, t, hid, config=config))(params, jnp.zeros(8, jnp.int32)).jaxpr,
           prims2)
     _walk(jax.make_jaxpr(egg.log2_likelihood)(jnp.zeros((3, 256), jnp.int8), jnp.zeros(3, jnp.int32)).jaxpr, prims2)
+    # bits_per_byte's model call (int32 sums of pieces; they are added in int64 on the host)
+    piece = functools.partial(egg_model._piece_ll, config=config)
+    _walk(jax.make_jaxpr(piece)(params, jnp.zeros((2, 9), jnp.int32), jnp.zeros((2, 8), bool), jnp.ones((2, 8), bool),
+                                jnp.zeros((2, 2, 16), jnp.int8)).jaxpr, prims2)
     # and the walker does catch floats
     with pytest.raises(AssertionError):
         _walk(jax.make_jaxpr(lambda x: (x.astype(jnp.float32) * 2).astype(jnp.int32))(jnp.int32(1)).jaxpr, set())
@@ -354,6 +360,119 @@ def test_hidden_state_resets_at_document_boundaries():
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(np.asarray(a), np.asarray(c))
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bits/byte: exact for any split
+#
+# Cutting the data into other streams changes which bytes are predicted (the first byte of a stream is not) and
+# from which hidden state (every stream starts from zero), so bits/byte of different splits differ slightly. The
+# exact invariant is the definition: for every split, bits/byte = -Σ_streams Σ_t ll_t / 4096 / #predicted, with
+# ll_t the model's integer log-likelihood of byte t + 1 given its stream up to byte t. The references below compute
+# that sum per byte on the host in int64, by a different route than bits_per_byte (fixed segments carrying the
+# hidden state; or, for a model whose state cannot move, a 256 x 256 table of byte pairs).
+
+SPLITS = ((1, None), (2, None), (3, None), (7, None), (64, None), (2, 40_000), (7, 5_000))
+_SEG = 4096
+
+
+@functools.lru_cache(maxsize=None)
+def _segment_ll(config):
+    @jax.jit
+    def seg(params, tok, res, hid):     # per-byte int32 log-likelihoods (no sum in the model)
+        logits, hid = egg.forward(params, tok[:-1], hid, res, config=config)
+        return egg.log2_likelihood(logits, tok[1:]), hid
+    return seg
+
+
+def _split_positions(n, streams, length):
+    """Start and length of every stream, as bits_per_byte cuts them."""
+    stride = n // streams
+    length = stride if length is None else min(length, stride)
+    return [k * stride for k in range(streams)], length
+
+
+def _reference_total(params, data, streams, length, config, doc_starts=None):
+    """Σ ll over the split in int64 (host): each stream from a zero state in fixed segments, hidden carried."""
+    seg = _segment_ll(config)
+    starts, length = _split_positions(len(data), streams, length)
+    total = 0
+    for s in starts:
+        hid = jnp.zeros((config.layers, config.dim), jnp.int8)
+        for lo in range(0, length - 1, _SEG):
+            k = min(_SEG, length - 1 - lo)
+            tok = np.zeros(_SEG + 1, np.int32)
+            tok[:k + 1] = data[s + lo:s + lo + k + 1]
+            res = np.zeros(_SEG, bool)
+            if doc_starts is not None:
+                res[:k] = doc_starts[s + lo:s + lo + k]
+            ll, hid = seg(params, jnp.asarray(tok), jnp.asarray(res), hid)
+            total += int(np.asarray(ll)[:k].astype(np.int64).sum())
+    return total, streams * (length - 1)
+
+
+def test_bits_per_byte_is_exact_for_any_split():
+    """streams=1 used to overflow the int32 sum (-0.755 bits/byte instead of 8.646 on the validation split)."""
+    valid = text_data.load_split().valid
+    params = _tiny_params()
+    got = {}
+    for streams, length in SPLITS:
+        total, count = _reference_total(params, valid, streams, length, TINY)
+        bpb = egg.bits_per_byte(params, valid, config=TINY, streams=streams, length=length)
+        assert math.isclose(bpb, -total / 4096 / count, rel_tol=1e-12), (streams, length, bpb, -total / 4096 / count)
+        got[(streams, length)] = bpb
+    assert -_reference_total(params, valid, 1, None, TINY)[0] > 2**31    # the whole split overflows int32
+    # and the splits agree up to where the streams start (zero state, first bytes not predicted)
+    values = list(got.values())
+    assert 8.0 < min(values) and max(values) - min(values) < 2e-3, got
+    # document starts reset the state inside a stream (the caller's array is not modified)
+    starts = np.zeros(len(valid), bool)
+    starts[np.random.default_rng(0).choice(len(valid), 40, replace=False)] = True
+    keep = starts.copy()
+    total, count = _reference_total(params, valid, 3, None, TINY, doc_starts=starts)
+    bpb = egg.bits_per_byte(params, valid, config=TINY, streams=3, doc_starts=starts)
+    assert math.isclose(bpb, -total / 4096 / count, rel_tol=1e-12) and bpb != got[(3, None)]
+    np.testing.assert_array_equal(starts, keep)
+    with pytest.raises(ValueError, match="streams"):
+        egg.bits_per_byte(params, valid[:10], config=TINY, streams=6)
+
+
+def test_bits_per_byte_of_a_stateless_model_is_a_sum_over_byte_pairs():
+    """With the GRU gate shut (``f = -127``: the state stays 0) every byte's log-likelihood depends on the previous
+    byte only, so bits/byte of any split is the mean of a 256 x 256 table over the split's predicted pairs."""
+    params = _tiny_params(seed=1)
+    layers = dict(params["layers"], wf=jnp.zeros_like(params["layers"]["wf"]),
+                  bf=jnp.full_like(params["layers"]["bf"], -127))
+    params = dict(params, layers=layers)
+    byte = jnp.arange(256, dtype=jnp.int32)
+    logits, hid = jax.jit(lambda p: egg.forward(p, byte, jnp.zeros((1, 16), jnp.int8), config=TINY))(params)
+    assert not np.any(np.asarray(hid))
+    table = np.asarray(egg.log2_likelihood(jnp.repeat(logits, 256, axis=0), jnp.tile(byte, 256)),
+                       np.int64).reshape(256, 256)                 # table[a, b] = ll of b after a
+    valid = text_data.load_split().valid
+    for streams, length in SPLITS:
+        starts, length = _split_positions(len(valid), streams, length)
+        pos = (np.asarray(starts)[:, None] + np.arange(length - 1)[None, :]).ravel()
+        total = int(table[valid[pos], valid[pos + 1]].sum())
+        if streams == 1:
+            assert -total > 2**31
+        bpb = egg.bits_per_byte(params, valid, config=TINY, streams=streams, length=length)
+        assert math.isclose(bpb, -total / 4096 / pos.size, rel_tol=1e-12), (streams, length)
+
+
+def test_final_evaluation_of_an_egg_run_is_exact_with_one_stream():
+    """``esx train egg-shakespeare final_eval_streams=1`` reports the same bits/byte as the default 64 streams (up
+    to where the streams start), not the overflowed sum."""
+    from esx_envs.egg.task import EggRunConfig
+
+    setup = EggRunConfig(dim=16, population_size=4, final_eval_streams=1).setup()
+    state = setup.initial_state()
+    summary, _ = setup.evaluate(state, True)
+    valid = text_data.load_split().valid
+    one = egg.bits_per_byte(state.es.params, valid, config=TINY, streams=1)
+    many = egg.bits_per_byte(state.es.params, valid, config=TINY, streams=64)
+    assert summary["valid_bpb"] == one
+    assert 0 < one < 9 and abs(one - many) < 2e-3, (one, many)
 
 # ---------------------------------------------------------------------------------------------------------------
 # data

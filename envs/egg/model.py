@@ -256,7 +256,7 @@ def make_fitness(config: EggConfig = EggConfig()):
 
     ``fitness(view, key, data) -> (int32[] Σ log2 p · 4096, int8[B, L, D] final hidden states)`` where ``data`` is a
     dict ``tokens: int32[B, T + 1]``, ``resets: bool[B, T]``, ``hidden: int8[B, L, D]`` (``B`` streams of one member).
-    Higher is better. Keep ``B · T <= 20000`` so the int32 sum cannot overflow.
+    Higher is better. Keep ``B · T <= 20000`` so the int32 sum cannot overflow (``20000 · LL_BYTE_MAX < 2^31``).
     """
 
     def fitness(view, key, data):
@@ -277,46 +277,78 @@ def make_fitness(config: EggConfig = EggConfig()):
 # evaluation and sampling
 
 
+#: The largest ``|round(4096 · log2 p)|`` of one byte (:func:`log2_likelihood`): logits are ``int8`` in
+#: ``[-127, 127]``, so ``256 (q_y - M) >= -256 · 254 = -65024``, and ``2^20 <= S = Σ_b EXP2[M - q_b] <= 256 · 2^20``
+#: puts the subtracted ``log2_total = 4096 (log2 S - 20)`` in ``[0, 8 · 4096 = 32768]``: ``-97792 <= ll <= 0``,
+#: below ``2^17`` in magnitude.
+LL_BYTE_MAX = 254 * (1 << (LL_FRAC - 4)) + (28 - EXP2_FRAC) * (1 << LL_FRAC)
+#: Bytes of one stream that :func:`bits_per_byte` sums in ``int32`` inside the model (one "piece"):
+#: ``16384 · 97792 = 1.60e9 < 2^31 - 1``, so a piece's sum is exact; pieces are added in int64 on the host.
+EVAL_PIECE = 1 << 14
+#: Predicted bytes per jitted call of :func:`bits_per_byte` (streams × piece; bounds its memory).
+_EVAL_CALL_BYTES = 1 << 16
+
+assert EVAL_PIECE * LL_BYTE_MAX < 2**31 - 1
+
+
 @functools.partial(jax.jit, static_argnames=("config",))
-def _sequence_ll(params, tokens, resets, config):
-    def one(tok, res):
-        hid = jnp.zeros((config.layers, config.dim), jnp.int8)
-        logits, _ = forward(params, tok[:-1], hid, res, config=config)
-        return jnp.sum(log2_likelihood(logits, tok[1:]))
-    return jax.vmap(one)(tokens, resets)
+def _piece_ll(params, tokens, resets, mask, hidden, config):
+    """One piece of every stream: ``tokens int32[S, P + 1]``, ``resets/mask bool[S, P]``, ``hidden int8[S, L, D]``
+    -> (``int32[S]`` Σ of the masked per-byte log-likelihoods (``P <= EVAL_PIECE``: exact), the hidden states)."""
+    def one(tok, res, m, hid):
+        logits, hid = forward(params, tok[:-1], hid, res, config=config)
+        ll = jnp.where(m, log2_likelihood(logits, tok[1:]), 0)
+        return jnp.sum(ll), hid
+    return jax.vmap(one)(tokens, resets, mask, hidden)
 
 
 def bits_per_byte(params: dict, data: np.ndarray, *, config: EggConfig = EggConfig(), streams: int = 64,
                   length: int | None = None, doc_starts: np.ndarray | None = None) -> float:
-    """Validation bits per byte by the integer log-likelihood.
+    """Validation bits per byte by the integer log-likelihood, exact for any split.
 
-    ``data: uint8[n]`` is cut into ``streams`` contiguous chunks of ``length`` bytes (default: all of it, so every byte
-    but the first of each chunk is predicted), each read from a zero hidden state; returns
-    ``-Σ log2 p / (#predicted bytes)``. Sums stay per chunk in int32 (``length <= 20000``) and are added on the host.
+    ``data: uint8[n]`` is cut into ``streams`` contiguous chunks: stream ``k`` is ``length`` bytes from
+    ``k · (n // streams)`` (default and most: ``n // streams``), read from a zero hidden state (reset again where
+    ``doc_starts`` is set), so every byte of it but the first is predicted. Returns
+    ``-Σ log2 p / (streams · (length - 1))``, each ``log2 p`` the model's integer ``round(4096 · log2 p) / 4096``.
+
+    The model stays integer-only: it runs each stream in pieces of at most :data:`EVAL_PIECE` bytes (carrying the
+    hidden state, so the result does not depend on the pieces) and sums each piece in ``int32``, which cannot
+    overflow (:data:`LL_BYTE_MAX`); the pieces' sums are added in ``int64`` on the host. The total is thus exact
+    however long the streams are (``streams=1`` reads the whole split as one stream).
     """
     data = np.asarray(data, np.uint8)
-    if length is None:
-        length = len(data) // streams
-    length = min(length, len(data) // streams)
-    total, count = 0, 0
-    for start in range(0, streams, max(1, 20000 // length)):
-        ids = range(start, min(streams, start + max(1, 20000 // length)))
-        toks, ress = [], []
-        for k in ids:
-            lo = k * (len(data) // streams)
-            toks.append(data[lo:lo + length].astype(np.int32))
-            r = np.zeros(length - 1, bool) if doc_starts is None else np.asarray(doc_starts[lo:lo + length - 1])
-            r[0] = False
-            ress.append(r)
-        ll = _chunked_ll(params, np.stack(toks), np.stack(ress), config)
-        total += int(np.sum(ll.astype(np.int64)))
-        count += len(toks) * (length - 1)
-    return -total / (1 << LL_FRAC) / count
-
-
-def _chunked_ll(params, toks, ress, config):
-    # tokens int32[S, length]: the int32 sum per stream is safe for length <= 20000.
-    return np.asarray(_sequence_ll(params, jnp.asarray(toks), jnp.asarray(ress), config))
+    n = len(data)
+    if streams < 1 or n // streams < 2:
+        raise ValueError(f"bits_per_byte: {n} bytes cannot be cut into streams={streams} streams of >= 2 bytes")
+    stride = n // streams
+    length = stride if length is None else min(length, stride)
+    if length < 2:
+        raise ValueError(f"bits_per_byte: length={length}; must be >= 2 (the first byte of a stream is not predicted)")
+    starts = None if doc_starts is None else np.asarray(doc_starts, bool)
+    steps = length - 1                                               # predicted bytes per stream
+    piece = min(steps, EVAL_PIECE)
+    calls = -(-streams // max(1, _EVAL_CALL_BYTES // piece))
+    batch = -(-streams // calls)                                     # streams per call, balanced
+    sums = []
+    for first in range(0, streams, batch):
+        ids = np.arange(first, first + batch)
+        real = ids < streams                                         # the last batch is padded with stream 0
+        base = np.where(real, ids, 0) * stride
+        hidden = jnp.zeros((batch, config.layers, config.dim), jnp.int8)
+        for lo in range(0, steps, piece):
+            k = min(piece, steps - lo)                                # predicted bytes in this piece
+            tok = np.zeros((batch, piece + 1), np.int32)
+            res = np.zeros((batch, piece), bool)
+            mask = np.zeros((batch, piece), bool)
+            pos = base[:, None] + lo + np.arange(k + 1)[None, :]
+            tok[:, :k + 1] = data[pos]
+            if starts is not None:
+                res[:, :k] = starts[pos[:, :k]]
+            mask[:, :k] = real[:, None]
+            ll, hidden = _piece_ll(params, tok, res, mask, hidden, config)
+            sums.append(ll)
+    total = int(sum(np.asarray(s, np.int64).sum() for s in sums))   # exact in int64 (host)
+    return -total / (1 << LL_FRAC) / (streams * steps)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

@@ -9,15 +9,28 @@ the newest one is corrupt.
 
 Format versions: ``0`` (no ``format`` field; written before the engine/application split) and ``1`` (today) have
 the same layout, so both are read.
+
+Orbax runs its reads and writes as asyncio tasks in a fresh event loop that it closes as soon as its coroutine
+returns, and a save commits in background threads. When one tensorstore read of a corrupt checkpoint failed, the
+sibling reads were still in flight and later posted to the closed loop (``RuntimeError: Event loop is closed``
+tracebacks after, or into, the one-line error of ``esx train --resume``); a Ctrl-C during a save left the commit
+threads writing into the temporary folder being removed. Every orbax call here therefore runs inside
+:func:`_orbax_io`, which leaves nothing of orbax running however the call ends (success, an exception,
+``KeyboardInterrupt``): its event loops finish their pending tasks before they close, and the block waits for the
+orbax threads started inside it; the checkpointer itself is closed.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import jax
@@ -38,6 +51,140 @@ class CheckpointError(RuntimeError):
 _CKPT_DIR = "checkpoints"
 _PREFIX = "gen_"
 _KEEP = 2
+
+
+#: seconds a closing orbax event loop waits for its pending tasks before cancelling them.
+_DRAIN_TIMEOUT = 30.0
+_policy_lock = threading.Lock()
+_policy_users = 0
+_policy_saved = None
+
+
+def _drain(loop: asyncio.AbstractEventLoop) -> None:
+    """What ``asyncio.run`` does before closing its loop, for a loop that orbax closes itself: runs ``loop`` (stopped,
+    not closed) until its pending tasks are done (cancelling what is left after ``_DRAIN_TIMEOUT`` seconds; their
+    exceptions marked retrieved), then shuts down its async generators and its default executor's threads."""
+    if loop.is_closed() or loop.is_running():
+        return
+    tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    if tasks:
+        _, rest = loop.run_until_complete(asyncio.wait(tasks, timeout=_DRAIN_TIMEOUT))
+        for t in rest:
+            t.cancel()
+        if rest:
+            loop.run_until_complete(asyncio.wait(rest, timeout=_DRAIN_TIMEOUT))
+        for t in tasks:
+            if t.done() and not t.cancelled():
+                t.exception()
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    try:
+        loop.run_until_complete(asyncio.wait_for(loop.shutdown_default_executor(), _DRAIN_TIMEOUT))
+    except asyncio.TimeoutError:
+        pass
+
+
+def _orbax_threads() -> set[threading.Thread]:
+    """Threads of orbax's own classes (the background commits of a save) that have not ended.
+
+    ``threading.enumerate()`` lists a thread until its ``run`` has returned; ``is_alive()`` and ``join()`` are not
+    used because a Ctrl-C that interrupts a ``join`` of a running thread can mark it stopped while it still runs.
+    """
+    return {t for t in threading.enumerate() if type(t).__module__.startswith("orbax.")}
+
+
+def _wait_for(threads: set[threading.Thread], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while threads & set(threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _quiet_interrupts(loop, context):
+    """The loop's exception handler: a Ctrl-C (or SIGTERM, or ``sys.exit``) inside orbax's coroutine already reaches
+    the caller; its task is not reported again as "Task exception was never retrieved" when it is collected."""
+    if isinstance(context.get("exception"), (KeyboardInterrupt, SystemExit)):
+        return
+    loop.default_exception_handler(context)
+
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)               # the policy API is deprecated from Python 3.14
+    _PolicyBase = getattr(asyncio, "AbstractEventLoopPolicy", object)
+
+
+class _DrainingPolicy(_PolicyBase):
+    """The installed event loop policy, except that its new loops :func:`_drain` themselves before closing."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def get_event_loop(self):
+        return self._inner.get_event_loop()
+
+    def set_event_loop(self, loop):
+        self._inner.set_event_loop(loop)
+
+    def new_event_loop(self):
+        loop = self._inner.new_event_loop()
+        close = loop.close
+
+        def drain_then_close():
+            try:
+                _drain(loop)
+            except Exception:  # noqa: BLE001 -- cleanup only: never hide the error orbax is raising
+                pass
+            finally:
+                close()
+
+        try:
+            loop.close = drain_then_close
+        except AttributeError:  # a loop type without instance attributes (uvloop): left as it is
+            pass
+        loop.set_exception_handler(_quiet_interrupts)
+        return loop
+
+    def get_child_watcher(self):  # Unix, Python < 3.14 (the base class would raise NotImplementedError)
+        return self._inner.get_child_watcher()
+
+    def set_child_watcher(self, watcher):
+        self._inner.set_child_watcher(watcher)
+
+    def __getattr__(self, name):  # anything else a newer policy has
+        return getattr(self._inner, name)
+
+
+@contextlib.contextmanager
+def _orbax_io():
+    """Orbax calls inside leave nothing running when the block ends, however it ends.
+
+    Event loops created meanwhile (orbax makes one per call, and one in each background commit thread) drain before
+    they close (:func:`_drain`), and on the way out the block waits (up to ``_DRAIN_TIMEOUT`` seconds) for the
+    orbax threads started inside it: a save interrupted by Ctrl-C or an error has stopped writing before its
+    temporary folder is removed. The event loop policy is process-wide, so it is installed by the first thread to
+    enter and put back by the last to leave.
+    """
+    global _policy_users, _policy_saved
+    policy = hasattr(asyncio, "set_event_loop_policy")   # the policy API is deprecated from 3.14, due to go in 3.16
+    if policy:
+        with _policy_lock, warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            if _policy_users == 0:
+                _policy_saved = asyncio.get_event_loop_policy()
+                asyncio.set_event_loop_policy(_DrainingPolicy(_policy_saved))
+            _policy_users += 1
+    before = _orbax_threads()
+    try:
+        yield
+    finally:
+        try:
+            _wait_for(_orbax_threads() - before, _DRAIN_TIMEOUT)
+        finally:
+            if policy:
+                with _policy_lock, warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    _policy_users -= 1
+                    if _policy_users == 0:
+                        asyncio.set_event_loop_policy(_policy_saved)
+                        _policy_saved = None
 
 
 def _to_host(state: RunState) -> list[np.ndarray]:
@@ -99,7 +246,7 @@ def save_checkpoint(run_dir: str | os.PathLike, state: RunState, config, run_id:
     tmp = root / f".tmp-{_PREFIX}{gen:08d}-{uuid.uuid4().hex[:8]}"
     arrays = _to_host(state)
     try:
-        with ocp.PyTreeCheckpointer() as checkpointer:  # closed on every path: no orbax threads left at exit
+        with _orbax_io(), ocp.PyTreeCheckpointer() as checkpointer:  # nothing of orbax left running after
             checkpointer.save(tmp / "state", {f"a{i:04d}": a for i, a in enumerate(arrays)})
         meta = {"format": FORMAT_VERSION, "generation": gen, "run_id": run_id, "config": to_dict(config),
                 "num_arrays": len(arrays), "sha256": _digest(arrays), "time": time.time()}
@@ -133,7 +280,7 @@ def load_checkpoint(path: str | os.PathLike, template: RunState) -> tuple[RunSta
         raise CheckpointError(f"checkpoint {path} has format version {version!r}; this esx reads format versions "
                               f"0 to {FORMAT_VERSION} (upgrade esx to read it)")
     try:
-        with ocp.PyTreeCheckpointer() as checkpointer:
+        with _orbax_io(), ocp.PyTreeCheckpointer() as checkpointer:  # see the module docstring
             restored = checkpointer.restore(path / "state")
         arrays = [np.asarray(restored[f"a{i:04d}"]) for i in range(meta["num_arrays"])]
     except Exception as e:  # orbax raises many types for truncated / garbled files
