@@ -291,7 +291,9 @@ def load_checkpoint(path: str | os.PathLike, template: RunState) -> tuple[RunSta
 
 
 def _config_diff(a: dict, b: dict, run_control: frozenset) -> list[str]:
-    a, b = {"kind": "rl", **a}, {"kind": "rl", **b}   # configs saved before kinds existed are RL configs
+    """The fields that differ between the saved config ``a`` and the current ``b`` (a saved config written before
+    kinds existed has no ``"kind"``: it is compared on its fields only)."""
+    a = {"kind": b.get("kind"), **a}
     keys = sorted(set(a) | set(b))
     return [k for k in keys if k not in run_control and k != "name" and a.get(k) != b.get(k)]
 
@@ -322,7 +324,7 @@ def restore_run(run_dir: str | os.PathLike, setup: Setup, run_id: str | None) ->
         run_control = setup.config.RUN_CONTROL
         diff = _config_diff(meta.get("config", {}), now, run_control)
         if diff:
-            saved = {"kind": "rl", **meta["config"]}
+            saved = {"kind": now.get("kind"), **meta["config"]}
             detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in diff)
             raise CheckpointError(f"cannot resume {run_dir} with a different config ({detail}); only "
                                   f"{sorted(run_control)} may change on resume")
