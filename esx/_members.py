@@ -12,10 +12,18 @@ Member arithmetic (``N = population_size`` members, ``P`` pairs, groups of ``gro
   carry the signs ``+1`` / ``-1``; without it, member ``i`` is its own pair ``i`` (``P = N``) with sign ``+1``;
 * member ``i`` belongs to group ``i // group_size``: its evaluation key is ``fold_in(key, group)``, and its data
   ``data[group]`` with ``data_per_group`` (``data[i]`` with ``data_per_member``, ``data`` otherwise).
+
+Member batching (``member_batch = K``, docs/hyperscale.md): the pairs are split into consecutive chunks of
+``K / per_pair`` pairs (``K`` members); ``evaluate`` runs the chunks one after another (``lax.map``) and a strategy's
+``gradient`` sums its per-chunk contractions in a ``lax.scan`` (:func:`chunk_sum`), each chunk drawing its own noise
+inside the loop body, so no more than one chunk's factors and activations are alive at once. ``K`` divides ``N``
+(and is even with antithetic sampling: a chunk holds whole pairs); a ``pairs=`` subset of ``P'`` pairs (a device's
+share) uses chunks of ``min(K / per_pair, P')`` pairs, which must divide ``P'``.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -98,13 +106,41 @@ def check_fitness(fitness: Any, population_size: int) -> jax.Array:
     return fitness
 
 
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def _listing(values: list[int]) -> str:
+    return ", ".join(map(str, values)) if len(values) <= 24 else (
+        ", ".join(map(str, values[:12])) + ", ..., " + ", ".join(map(str, values[-4:])))
+
+
+def check_member_batch(member_batch: Any, population_size: int, antithetic: bool) -> int | None:
+    """``member_batch`` as an ``int`` (or ``None``: every member at once); ``ValueError`` naming the valid values
+    unless it is a positive integer dividing ``population_size`` (and even with antithetic sampling)."""
+    if member_batch is None:
+        return None
+    per = 2 if antithetic else 1
+    valid = [d for d in _divisors(population_size) if d % per == 0]
+    if isinstance(member_batch, (bool, np.bool_)) or not isinstance(member_batch, (int, np.integer)) \
+            or int(member_batch) not in valid:
+        even = " and even (a chunk holds whole antithetic pairs)" if antithetic else ""
+        raise ValueError(
+            f"member_batch={member_batch!r}; must be None (every member at once) or a positive integer that divides "
+            f"population_size={population_size}{even}; valid values: {_listing(valid)}")
+    return int(member_batch)
+
+
 @dataclasses.dataclass(frozen=True)
 class Members:
-    """The member / pair / sign / group arithmetic of a population (see the module docstring)."""
+    """The member / pair / sign / group arithmetic of a population (see the module docstring); ``member_batch``
+    (``None``: unbatched) is the number of members evaluated, and contracted, per chunk."""
 
     population_size: int
     group_size: int
     antithetic: bool
+    member_batch: int | None = None
 
     @property
     def num_pairs(self) -> int:
@@ -148,6 +184,25 @@ class Members:
         """``int32[] -> int32[]``: the group of a member (shares the evaluation key and data slice)."""
         return member // self.group_size
 
+    def chunks(self, pairs: jax.Array) -> jax.Array | None:
+        """``int32[P'] -> int32[C, c]``: ``pairs`` in consecutive chunks of ``c = min(member_batch / per_pair, P')``
+        pairs, or ``None`` when unbatched (no ``member_batch``, or one chunk would hold every pair).
+
+        Raises ``ValueError`` (at trace time) when ``c`` does not divide ``P'``, naming the valid values."""
+        n = pairs.shape[0]
+        if self.member_batch is None or n == 0:
+            return None
+        c = min(self.member_batch // self.per_pair, n)
+        if c == n:
+            return None
+        if n % c:
+            valid = [d * self.per_pair for d in _divisors(n)]
+            raise ValueError(
+                f"member_batch={self.member_batch}: these {n} pairs ({n * self.per_pair} members, e.g. one device's "
+                f"share) do not split into chunks of {c} pairs; valid member_batch values here: {_listing(valid)} "
+                f"(or larger: one chunk)")
+        return pairs.reshape(n // c, c)
+
 
 class Perturbation(NamedTuple):
     """What a strategy supplies to the skeleton.
@@ -170,6 +225,26 @@ class Perturbation(NamedTuple):
     sign_dtype: Any
     population: type
     sign_major: bool
+
+
+def chunk_sum(members: Members, pairs: jax.Array, contract: Callable[[jax.Array], Any]) -> Any:
+    """``contract(pairs)`` (a pytree of per-pair sums, e.g. one gradient term per leaf), or with member batching the
+    sum over the chunks of ``pairs`` of ``contract(chunk)``, accumulated in a ``lax.scan`` (in float32 or wider for
+    floating leaves, in the leaf's dtype for integers; chunks added in order, so the result is deterministic)."""
+    chunks = members.chunks(pairs)
+    if chunks is None:
+        return contract(pairs)
+
+    def acc_dtype(dtype):
+        return jnp.promote_types(dtype, jnp.float32) if jnp.issubdtype(dtype, jnp.floating) else dtype
+
+    shapes = jax.eval_shape(contract, chunks[0])
+    init = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, acc_dtype(s.dtype)), shapes)
+
+    def body(acc, chunk):
+        return jax.tree_util.tree_map(lambda a, x: a + x.astype(a.dtype), acc, contract(chunk)), None
+
+    return jax.lax.scan(body, init, chunks)[0]
 
 
 def pair_noises(perturbation: Perturbation, state: State, table: LeafTable, pairs: jax.Array) -> list:
@@ -221,7 +296,8 @@ def evaluate(members: Members, perturbation: Perturbation, state: State, fitness
       key: the evaluation key of this generation.
       data: shared, or ``[num_groups, ...]`` per leaf with ``data_per_group``, or ``[N, ...]`` with
         ``data_per_member``.
-      pairs: ``int32[P']``; default all ``P`` pairs.
+      pairs: ``int32[P']``; default all ``P`` pairs. With ``members.member_batch`` they are evaluated one chunk
+        of ``member_batch`` members at a time (:meth:`Members.chunks`); the same values, in the same order.
 
     Returns:
       ``float[P' · per_pair]`` (the fitness dtype), and with ``has_aux`` the aux pytree with that leading axis.
@@ -229,7 +305,6 @@ def evaluate(members: Members, perturbation: Perturbation, state: State, fitness
     _check_data(members, data, data_per_group, data_per_member)
     table = perturbation.table_of(state.params)
     pairs = members.pairs(pairs)
-    member_ids = members.members_of(pairs)
 
     def one_member(noise, member):
         group = members.group_of(member)
@@ -247,16 +322,24 @@ def evaluate(members: Members, perturbation: Perturbation, state: State, fitness
             raise ValueError(f"evaluate: fitness_fn must return a scalar per member, got shape {jnp.shape(f)}")
         return out
 
-    if perturbation.sign_major:
-        noise = pair_noises(perturbation, state, table, pairs)
-        out = jax.vmap(lambda ms: jax.vmap(one_member)(noise, ms))(member_ids.T)
-        return jax.tree_util.tree_map(lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:]), out)
+    def some_pairs(pairs):
+        member_ids = members.members_of(pairs)
+        if perturbation.sign_major:
+            noise = pair_noises(perturbation, state, table, pairs)
+            out = jax.vmap(lambda ms: jax.vmap(one_member)(noise, ms))(member_ids.T)
+            return jax.tree_util.tree_map(lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:]), out)
 
-    def one_pair(pair, mem):
-        noise = perturbation.pair_noise(state, table, pair)
-        return jax.vmap(lambda m: one_member(noise, m))(mem)
+        def one_pair(pair, mem):
+            noise = perturbation.pair_noise(state, table, pair)
+            return jax.vmap(lambda m: one_member(noise, m))(mem)
 
-    out = jax.vmap(one_pair)(pairs, member_ids)
+        out = jax.vmap(one_pair)(pairs, member_ids)
+        return jax.tree_util.tree_map(lambda x: x.reshape(-1, *x.shape[2:]), out)
+
+    chunks = members.chunks(pairs)
+    if chunks is None:
+        return some_pairs(pairs)
+    out = jax.lax.map(some_pairs, chunks)   # one chunk of members at a time, its noise drawn inside the body
     return jax.tree_util.tree_map(lambda x: x.reshape(-1, *x.shape[2:]), out)
 
 

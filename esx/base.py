@@ -103,6 +103,7 @@ class Config:
     optimizer: optax.GradientTransformation
     sigma: float | Callable[[jax.Array], jax.Array]
     labels: Any
+    member_batch: int | None = None   # members per evaluation / contraction chunk (None: all at once)
 
     @property
     def num_pairs(self) -> int:

@@ -23,6 +23,7 @@ def eggroll(
     noise_source: str = "normal",
     table_size: int = 1 << 22,
     labels: Any = None,
+    member_batch: int | None = None,
 ) -> Strategy:
     """EGGROLL: each ``"lowrank"`` leaf ``W: [m, n]`` of member ``i`` is perturbed by ``σ s_i A_i B_iᵀ / √r``.
 
@@ -42,6 +43,10 @@ def eggroll(
       table_size: entries of the shared table for ``noise_source="table"``.
       labels: ``None`` (matrices low-rank, the rest full), ``{glob: label}`` overrides, a function
         ``(path, leaf) -> label`` or a label pytree (see :mod:`esx.labels`).
+      member_batch: evaluate (and contract for the update) ``member_batch`` members at a time, each chunk's noise
+        drawn inside a loop, so memory grows with ``member_batch`` rather than ``population_size``; a positive
+        divisor of ``population_size`` (even with antithetic sampling). ``None`` (default): all at once. Same
+        fitness; the update equal up to float summation order (docs/hyperscale.md).
 
     Returns:
       A :class:`esx.Strategy`.
@@ -63,4 +68,5 @@ def eggroll(
         population_size=population_size, rank=rank, sigma=sigma, optimizer=optimizer, lowrank=True,
         antithetic=antithetic, group_size=group_size, shaping=shaping, noise_reuse=noise_reuse,
         noise_source=noise_source, table_size=table_size, labels=labels,
+        member_batch=member_batch,
     )

@@ -152,6 +152,7 @@ class IntConfig:
     noise_reuse: int
     labels: Any
     antithetic: bool = True
+    member_batch: int | None = None
 
     @property
     def num_pairs(self) -> int:
@@ -253,25 +254,33 @@ def _member_view(state: State, table: _members.LeafTable, noise: list, sign: jax
 
 def _gradient(cfg: IntConfig, perturbation: _members.Perturbation, members: _members.Members, state: State,
               fitness: jax.Array, pairs: jax.Array | None) -> Any:
-    """The int32 tallies ``E = Σ_k F_k A_k B_kᵀ`` (``Σ_k F_k ε_k``) per leaf, over ``pairs`` if given."""
+    """The int32 tallies ``E = Σ_k F_k A_k B_kᵀ`` (``Σ_k F_k ε_k``) per leaf, over ``pairs`` if given; with
+    ``member_batch`` summed chunk by chunk (integers: exactly the unbatched tallies)."""
     fitness = _members.check_fitness(fitness, cfg.population_size)
     table = perturbation.table_of(state.params)
-    signs = pair_signs(fitness)
+    all_signs = pair_signs(fitness)
     pairs = members.pairs(pairs)
-    signs = signs[pairs]
-    noise = _members.pair_noises(perturbation, state, table, pairs)
-    tallies = []
-    for leaf, lab, nz in zip(jax.tree_util.tree_leaves(state.params), table.labels, noise):
-        if lab == labels_lib.FROZEN:
-            tallies.append(jnp.zeros(leaf.shape, jnp.int32))
-        elif lab == labels_lib.LOWRANK:
-            a, b = nz
-            fa = a.astype(jnp.int32) * signs.reshape((-1,) + (1,) * (a.ndim - 1))
-            tallies.append(jnp.einsum("p...mr,p...nr->...mn", fa, b.astype(jnp.int32),
-                                      preferred_element_type=jnp.int32))
-        else:
-            tallies.append(jnp.einsum("p,p...->...", signs, nz.astype(jnp.int32),
-                                      preferred_element_type=jnp.int32))
+    leaves = jax.tree_util.tree_leaves(state.params)
+
+    def contract(pairs: jax.Array) -> list:
+        signs = all_signs[pairs]
+        noise = _members.pair_noises(perturbation, state, table, pairs)
+        tallies = []
+        for lab, nz in zip(table.labels, noise):
+            if lab == labels_lib.FROZEN:
+                tallies.append(None)      # zeros, filled in below (not carried through the chunk loop)
+            elif lab == labels_lib.LOWRANK:
+                a, b = nz
+                fa = a.astype(jnp.int32) * signs.reshape((-1,) + (1,) * (a.ndim - 1))
+                tallies.append(jnp.einsum("p...mr,p...nr->...mn", fa, b.astype(jnp.int32),
+                                          preferred_element_type=jnp.int32))
+            else:
+                tallies.append(jnp.einsum("p,p...->...", signs, nz.astype(jnp.int32),
+                                          preferred_element_type=jnp.int32))
+        return tallies
+
+    tallies = _members.chunk_sum(members, pairs, contract)
+    tallies = [jnp.zeros(leaf.shape, jnp.int32) if t is None else t for leaf, t in zip(leaves, tallies)]
     return jax.tree_util.tree_unflatten(table.treedef, tallies)
 
 
@@ -337,6 +346,7 @@ def int_eggroll(
     group_size: int = 2,
     noise_reuse: int = 1,
     labels: Any = None,
+    member_batch: int | None = None,
 ) -> Strategy:
     """Integer EGGROLL for int8 models (see the module docstring for the exact rules).
 
@@ -350,15 +360,18 @@ def int_eggroll(
         keeps antithetic partners on identical bytes.
       noise_reuse: keep each pair's noise for this many generations (``0``: forever).
       labels: per-leaf ``"lowrank"`` / ``"full"`` / ``"frozen"`` (as :mod:`esx.labels`); default: ndim >= 2 low-rank.
+      member_batch: evaluate and tally ``member_batch`` members at a time (an even divisor of
+        ``population_size``; ``None``: all at once); same fitness, exactly the same tallies (docs/hyperscale.md).
 
     Returns:
       An :class:`esx.Strategy` whose ``init(key, params)`` takes a pytree of ``int8`` arrays; ``tell`` and
       ``apply`` return :data:`IntMetrics`, ``gradient`` the ``int32`` tallies (params-shaped).
     """
     _validate(population_size, sigma_shift, rank, alpha, alpha_decay, group_size, noise_reuse)
+    member_batch = _members.check_member_batch(member_batch, population_size, antithetic=True)
     cfg = IntConfig(int(population_size), int(rank), int(sigma_shift), float(alpha), float(alpha_decay),
-                    int(group_size), int(noise_reuse), labels)
-    members = _members.Members(cfg.population_size, cfg.group_size, antithetic=True)
+                    int(group_size), int(noise_reuse), labels, member_batch=member_batch)
+    members = _members.Members(cfg.population_size, cfg.group_size, antithetic=True, member_batch=member_batch)
     perturbation = _members.Perturbation(
         table_of=lambda params: _members.leaf_table(params, cfg.labels, lowrank=True),
         pair_noise=lambda state, table, pair: _pair_noise(cfg, state, table, pair),

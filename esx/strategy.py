@@ -186,26 +186,40 @@ def _pair_weights(cfg: Config, fitness: jax.Array) -> jax.Array:
 
 def _gradient(cfg: Config, perturbation: _members.Perturbation, members: _members.Members, state: State,
               fitness: jax.Array, pairs: jax.Array | None) -> Any:
-    """The ES estimate ``g = 1/(Nσ) Σ_k w_k E_k`` (params-shaped), summed over ``pairs`` only if given."""
+    """The ES estimate ``g = 1/(Nσ) Σ_k w_k E_k`` (params-shaped), summed over ``pairs`` only if given; with
+    ``member_batch`` the sum runs chunk by chunk, each chunk's noise regenerated (:func:`esx._members.chunk_sum`)."""
     fitness = _check_fitness(cfg, fitness)
     table = perturbation.table_of(state.params)
-    weights = _pair_weights(cfg, fitness)
+    all_weights = _pair_weights(cfg, fitness)
     pairs = members.pairs(pairs)
-    weights = weights[pairs]
-    noise = _members.pair_noises(perturbation, state, table, pairs)
+    leaves = jax.tree_util.tree_leaves(state.params)
+
+    def contract(pairs: jax.Array) -> list:
+        """``Σ_k w_k A_k B_kᵀ`` (``Σ_k w_k ε_k``) per leaf over ``pairs`` (``None`` for frozen leaves)."""
+        weights = all_weights[pairs]
+        noise = _members.pair_noises(perturbation, state, table, pairs)
+        n_local = pairs.shape[0]
+        sums = []
+        for lab, nz in zip(table.labels, noise):
+            if lab == labels_lib.FROZEN:
+                sums.append(None)
+            elif lab == labels_lib.LOWRANK:
+                a, b = nz
+                wa = a * weights.astype(a.dtype).reshape((n_local,) + (1,) * (a.ndim - 1))
+                sums.append(jnp.einsum("p...mr,p...nr->...mn", wa, b))
+            else:
+                sums.append(jnp.tensordot(weights.astype(nz.dtype), nz, axes=1))
+        return sums
+
+    sums = _members.chunk_sum(members, pairs, contract)
     scale = 1.0 / (cfg.population_size * state.sigma)
-    n_local = pairs.shape[0]
     grads = []
-    for leaf, lab, nz in zip(jax.tree_util.tree_leaves(state.params), table.labels, noise):
+    for leaf, lab, g in zip(leaves, table.labels, sums):
         if lab == labels_lib.FROZEN:
             grads.append(jnp.zeros_like(leaf))
         elif lab == labels_lib.LOWRANK:
-            a, b = nz
-            wa = a * weights.astype(a.dtype).reshape((n_local,) + (1,) * (a.ndim - 1))
-            g = jnp.einsum("p...mr,p...nr->...mn", wa, b)
             grads.append((g * (scale / math.sqrt(cfg.rank))).astype(leaf.dtype))
         else:
-            g = jnp.tensordot(weights.astype(nz.dtype), nz, axes=1)
             grads.append((g * scale).astype(leaf.dtype))
     return jax.tree_util.tree_unflatten(table.treedef, grads)
 
@@ -256,6 +270,7 @@ def make_strategy(
     noise_source: str = "normal",
     table_size: int = 1 << 22,
     labels: Any = None,
+    member_batch: int | None = None,
 ) -> Strategy:
     """Builds a float ES strategy; see :func:`esx.eggroll` (``lowrank=True``) and :func:`esx.open_es`
     (``lowrank=False``: every ``"lowrank"`` label becomes ``"full"``) for the arguments.
@@ -269,9 +284,10 @@ def make_strategy(
     shape_fn = shaping_lib.get(shaping, group_size)
     if shape_fn is shaping_lib.pair_sign and not antithetic:
         raise ValueError("shaping='pair_sign' needs antithetic=True")
+    member_batch = _members.check_member_batch(member_batch, population_size, antithetic)
     cfg = Config(population_size, int(rank), lowrank, antithetic, int(group_size), int(noise_reuse),
-                 noise_source, int(table_size), shape_fn, optimizer, sigma, labels)
-    members = _members.Members(cfg.population_size, cfg.group_size, cfg.antithetic)
+                 noise_source, int(table_size), shape_fn, optimizer, sigma, labels, member_batch)
+    members = _members.Members(cfg.population_size, cfg.group_size, cfg.antithetic, cfg.member_batch)
     perturbation = _members.Perturbation(
         table_of=lambda params: _members.leaf_table(params, cfg.labels, lowrank=cfg.lowrank),
         pair_noise=lambda state, table, pair: _pair_noise(cfg, state, table, pair),
