@@ -11,11 +11,12 @@ of two placements:
 
 * ``"gather"`` (default): every device runs ``strategy.tell`` on the full gathered fitness vector, i.e.
   regenerates all ``P`` noise draws and contracts the whole update redundantly. No parameter-sized traffic;
-  the parameters stay bit-identical to the unsharded :func:`esx.step` for any ``D``.
+  from the same fitness vector the new state is bit-identical to :func:`esx.step`'s for any ``D``, every shaping
+  and strategy (when the fitness vector itself is the same: docs/distributed.md, "What is bit-identical").
 * ``"reduce"``: device ``d`` contracts only its own pairs (``strategy.gradient(..., pairs=local)``), the partial
   estimates are summed with a ``psum`` (one parameter-sized all-reduce), then ``strategy.apply``. ``D`` times
   less contraction work per device, but the summation order differs from one device, so results match
-  :func:`esx.step` to float rounding (relative ~1e-7), not bitwise.
+  :func:`esx.step` to float rounding (relative ~1e-7), not bitwise (the integer strategy's tallies: exactly).
 
 The state, the evaluation key and ``data`` are replicated on every device. Multi-host runs use the same
 code path: call :func:`initialize_from_env` first thing in every process, build the mesh over
@@ -173,9 +174,10 @@ def shard_strategy(strategy: Strategy, *, axis: str = DEFAULT_AXIS, placement: s
     (:func:`replicated_map`, or your own ``shard_map``), so that code written against the plain strategy -- e.g. a
     ``lax.scan`` over generations -- runs sharded unchanged:
 
-    * ``evaluate(state, fitness_fn, key, data=None, *, data_per_group=False, has_aux=False) -> float[N]``
-      evaluates only this device's ``N/D`` members, then all-gathers: every device returns the full fitness
-      vector (and the full ``aux``, leading axis ``N``), in member order.
+    * ``evaluate(state, fitness_fn, key, data=None, *, data_per_group=False, data_per_member=False,
+      has_aux=False) -> float[N]`` evaluates only this device's ``N/D`` members, then all-gathers: every device
+      returns the full fitness vector (and the full ``aux``, leading axis ``N``), in member order. Per-group and
+      per-member data stay replicated: each device indexes them by global group / member.
     * ``gradient(state, fitness) -> grads``: ``"gather"`` contracts all pairs on every device; ``"reduce"``
       contracts the local pairs and ``psum``-s the partial estimates over ``axis``.
     * ``tell(state, fitness) = apply(state, gradient(state, fitness), fitness)``.
@@ -189,11 +191,12 @@ def shard_strategy(strategy: Strategy, *, axis: str = DEFAULT_AXIS, placement: s
     if placement not in PLACEMENTS:
         raise ValueError(f"placement={placement!r}; valid placements are {PLACEMENTS}")
 
-    def evaluate(state, fitness_fn, key, data=None, *, data_per_group=False, has_aux=False, pairs=None):
+    def evaluate(state, fitness_fn, key, data=None, *, data_per_group=False, data_per_member=False, has_aux=False,
+                 pairs=None):
         if pairs is not None:
             raise ValueError("a sharded strategy chooses each device's pairs itself; do not pass pairs=")
-        out = strategy.evaluate(state, fitness_fn, key, data, data_per_group=data_per_group, has_aux=has_aux,
-                                pairs=_local_pairs(strategy, axis))
+        out = strategy.evaluate(state, fitness_fn, key, data, data_per_group=data_per_group,
+                                data_per_member=data_per_member, has_aux=has_aux, pairs=_local_pairs(strategy, axis))
         return jax.tree_util.tree_map(lambda x: jax.lax.all_gather(x, axis, tiled=True), out)
 
     def gradient(state, fitness, pairs=None):

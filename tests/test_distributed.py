@@ -2,9 +2,12 @@
 
 The multi-device checks run in subprocesses (tests/_dist_worker.py) with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` set before JAX starts: one process with 8 host devices
-for the device-count, noise, communication and error checks, and two processes with 2 devices each under
-``jax.distributed`` (started by scripts/launch_local.sh) for the multi-host check. Sizes are tiny; the XLA
-backend optimisation level is lowered to keep the compiles short (it is the same in every compared run).
+for the device-count, noise, communication and error checks, one with 8 host devices for the strategy × shaping ×
+device-count matrix, and two processes with 2 devices each under ``jax.distributed`` (started by
+scripts/launch_local.sh) for the multi-host check. Sizes are tiny; the XLA backend optimisation level is lowered
+to keep the compiles short (it is the same in every compared run), except in the matrix: the difference the old
+z_score / group_z_score code showed (XLA recomputing the fitness inside the shaping's mean) appears only in
+optimised code.
 """
 from __future__ import annotations
 
@@ -28,13 +31,13 @@ WORKER = ROOT / "tests" / "_dist_worker.py"
 TIMEOUT_S = 400
 
 
-def _env(num_devices: int) -> dict[str, str]:
+def _env(num_devices: int, optimize: bool = False) -> dict[str, str]:
     env = dict(os.environ)
     for name in list(env):  # never inherit a distributed environment from the test runner
         if name.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_")):
             del env[name]
-    env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={num_devices} "
-                        "--xla_backend_optimization_level=0")
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}" + (
+        "" if optimize else " --xla_backend_optimization_level=0")
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     return env
@@ -56,10 +59,13 @@ def _finish(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Both scenarios, started together (each compile is mostly single-threaded): ``(single, multi)`` dirs."""
+    """The three scenarios, started together (each compile is mostly single-threaded): ``(single, multi,
+    matrix)`` dirs."""
     single, multi = tmp_path_factory.mktemp("single"), tmp_path_factory.mktemp("multi")
+    matrix = tmp_path_factory.mktemp("matrix")
     launcher = ROOT / "scripts" / "launch_local.sh"
-    procs = [_start([sys.executable, str(WORKER), "single", str(single)], _env(8)),
+    procs = [_start([sys.executable, str(WORKER), "matrix", str(matrix)], _env(8, optimize=True)),
+             _start([sys.executable, str(WORKER), "single", str(single)], _env(8)),
              _start(["bash", str(launcher), "2", sys.executable, str(WORKER), "multi", str(multi)], _env(2))]
     try:
         for proc in procs:
@@ -68,12 +74,17 @@ def runs(tmp_path_factory):
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
-    return single, multi
+    return single, multi, matrix
 
 
 @pytest.fixture(scope="module")
 def single_host(runs):
     return runs[0], json.loads((runs[0] / "single.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def matrix(runs):
+    return json.loads((runs[2] / "matrix.json").read_text())
 
 
 def _params(path: Path) -> dict[str, np.ndarray]:
@@ -134,11 +145,81 @@ def test_communication_bytes_match_compiled_collectives(single_host, placement):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# one host, 8 devices: every strategy x shaping x device count against esx.step
+
+SHAPING_NAMES = sorted([*esx.shaping.SHAPINGS, "group_z_score"])
+MATRIX = ([(f"{s}-{sh}", "gather") for s in ("eggroll", "open_es") for sh in SHAPING_NAMES]
+          + [("int_eggroll-pair_signs", p) for p in dist.PLACEMENTS])
+#: metrics computed with float reductions in esx.base (not order-pinned): guaranteed to rounding only
+ROUNDED_METRICS = {"fitness_mean", "fitness_std", "fitness_max", "fitness_min", "grad_norm", "alpha"}
+#: a fitness that depends on the member batch size, made bit-identical by member_batch (when esx has it)
+MEMBER_BATCH = "eggroll_dense_member_batch_4-z_score"
+
+
+def test_matrix_covers_every_registered_shaping(matrix):
+    assert matrix["num_devices"] == 8
+    covered = {key.split("/")[0] for key in matrix if "/" in key} - {MEMBER_BATCH}
+    assert covered == {name for name, _ in MATRIX}
+    assert all(matrix[k]["moved"] > 1e-2 for k in matrix if "/" in k)  # 3 generations moved the parameters
+
+
+@pytest.mark.parametrize("num_devices", [1, 2, 4, 8])
+@pytest.mark.parametrize("problem,placement", MATRIX)
+def test_state_is_bit_identical_to_step_for_every_shaping(matrix, problem, placement, num_devices):
+    """3 generations of sharded_step vs esx.step: parameters and optimizer state bit for bit; the metrics that are
+    guaranteed exact, exactly; the float statistics to rounding (in practice identical too: checked below)."""
+    res = matrix[f"{problem}/{placement}/{num_devices}"]
+    assert res["params"] and res["opt_state"], res
+    for field, rel in res["metrics"].items():
+        if field in ROUNDED_METRICS:
+            assert rel <= 1e-6, (field, res)
+        else:
+            assert rel == 0.0, (field, res)
+
+
+@pytest.mark.parametrize("num_devices", [1, 2, 4, 8])
+def test_member_batch_makes_a_batch_dependent_fitness_bit_identical(matrix, num_devices):
+    """esx.dense of shared data rounds differently with N/D members than with N; member_batch=4 (a divisor of N/D)
+    gives esx.step and every device the same 4-member chunks (docs/distributed.md)."""
+    key = f"{MEMBER_BATCH}/gather/{num_devices}"
+    if key not in matrix:
+        pytest.skip("this esx has no member_batch")
+    assert matrix[key]["params"] and matrix[key]["opt_state"], matrix[key]
+
+
+def test_metrics_are_identical_in_the_matrix(matrix):
+    """Not guaranteed (docs/distributed.md), but true of every run of the matrix: every metric bit-identical."""
+    differ = {k: {f: r for f, r in v["metrics"].items() if r} for k, v in matrix.items() if "/" in k}
+    assert not any(differ.values()), {k: v for k, v in differ.items() if v}
+
+
+def test_sharded_evaluate_passes_data_per_member(matrix):
+    assert matrix["data_per_member"] == {"equal": True, "rows": True}
+
+
+def test_reproducible_sum_does_not_depend_on_order():
+    rng = np.random.default_rng(0)
+    for n in (1, 7, 32, 1000, 70_000):
+        x = (rng.standard_normal(n) * rng.choice([1e-4, 1.0, 1e4], n)).astype(np.float32)
+        exact = np.sum(x.astype(np.float64))
+        sums = [esx.shaping.reproducible_sum(jnp.asarray(x)),
+                jax.jit(esx.shaping.reproducible_sum)(jnp.asarray(x[::-1])),
+                jax.vmap(esx.shaping.reproducible_sum)(jnp.asarray(x[rng.permutation(n)])[None])[0]]
+        assert len({np.asarray(v).tobytes() for v in sums}) == 1, (n, sums)
+        assert abs(float(sums[0]) - exact) <= 4 * np.spacing(np.float32(abs(exact))) + 1e-6 * np.abs(x).max()
+    m = jnp.asarray(rng.standard_normal((3, 5)), jnp.float32)
+    np.testing.assert_allclose(esx.shaping.reproducible_sum(m, axis=0), m.sum(0), rtol=1e-6, atol=1e-6)
+    assert float(esx.shaping.reproducible_sum(jnp.zeros(4))) == 0.0
+    assert np.isposinf(esx.shaping.reproducible_sum(jnp.array([1.0, np.inf])))
+    assert np.isnan(esx.shaping.reproducible_sum(jnp.array([1.0, np.nan])))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # two processes under jax.distributed
 
 
 def test_two_processes_match_one_process(runs):
-    single, multi = runs
+    single, multi, _ = runs
     ref = _params(single / "reference.npz")
     for pid in (0, 1):
         info = json.loads((multi / f"multi_{pid}.json").read_text())
