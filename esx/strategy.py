@@ -1,13 +1,7 @@
 """The float strategies ``eggroll`` and ``open_es`` (:func:`make_strategy`), on the interface of :mod:`esx.base`.
 
-A strategy is a small NamedTuple of pure functions (as optax's ``GradientTransformation``)::
-
-    strategy = esx.eggroll(population_size=256, rank=4, sigma=0.05, optimizer=optax.adam(1e-2))
-    state = strategy.init(key, params)                      # State pytree
-    fitness = strategy.evaluate(state, fitness_fn, key, data)  # float[N], higher is better
-    state, metrics = strategy.tell(state, fitness)
-    # or a whole generation under one jit:
-    state, metrics = esx.step(strategy, state, fitness_fn, key, data)
+The interface (``init / ask / view / evaluate / tell``, ``esx.step``) is :mod:`esx.base`'s; this module holds the
+float maths only.
 
 ``fitness_fn(view, key, data) -> float[]`` receives a *member view*: the parameter pytree in which perturbed leaves
 are :class:`esx.LowRank` / :class:`esx.Full` objects that the ops :func:`esx.dense`, :func:`esx.embed` and

@@ -59,13 +59,13 @@ def _imports(path: Path, module: str) -> list[tuple[int, str]]:
     return out
 
 
-def _violations(folder: Path, package: str, rule) -> list[str]:
+def _violations(folder: Path, package: str, rule, root: Path = ROOT) -> list[str]:
     bad = []
     for module, path in _modules(folder, package):
         for line, name in _imports(path, module):
             why = rule(module, name)
             if why:
-                bad.append(f"{path.relative_to(ROOT)}:{line}: {module} imports {name} ({why})")
+                bad.append(f"{path.relative_to(root)}:{line}: {module} imports {name} ({why})")
     return bad
 
 
@@ -126,12 +126,7 @@ def test_the_walk_catches_each_kind_of_reverse_edge(tmp_path, bad_source, expect
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     (pkg / "planted.py").write_text(bad_source)
-    global ROOT
-    saved, ROOT = ROOT, tmp_path
-    try:
-        found = _violations(pkg, "esx", _engine_rule)
-    finally:
-        ROOT = saved
+    found = _violations(pkg, "esx", _engine_rule, root=tmp_path)
     assert len(found) == 1 and expected in found[0], found
 
 
@@ -142,12 +137,7 @@ def test_runner_may_import_its_extras_but_not_tasks(tmp_path):
     (pkg / "run" / "__init__.py").write_text("")
     (pkg / "run" / "ok.py").write_text("def f():\n    import orbax.checkpoint as ocp\n    import tqdm\n")
     (pkg / "run" / "bad.py").write_text("def f():\n    from esx_envs.rl import task\n")
-    global ROOT
-    saved, ROOT = ROOT, tmp_path
-    try:
-        found = _violations(pkg, "esx", _engine_rule)
-    finally:
-        ROOT = saved
+    found = _violations(pkg, "esx", _engine_rule, root=tmp_path)
     assert len(found) == 1 and "run/bad.py" in found[0]
 
 

@@ -1,28 +1,14 @@
-"""RL fitness for esx (rollouts, observation statistics, the fitness and the evaluator): episode return of an MLP policy in any JAX environment behind the :class:`Adapter` shape.
+"""Rollouts and the RL fitness: episode returns of a :class:`~esx_envs.rl.Policy` in an
+:class:`~esx_envs.rl.Adapter` environment.
 
-Three pieces, each usable alone:
-
-* :class:`Adapter` -- the environment shape (``reset`` / ``step`` as pure functions, plus spaces). :class:`Gymnax`
-  wraps any gymnax environment by name (classic control, MinAtar, bsuite, misc); other JAX suites (brax, navix,
-  jumanji, craftax) fit by implementing the same five members (see ``docs/rl.md``).
-* :class:`Policy` -- an MLP written with :func:`esx.dense` / :func:`esx.value`, so EGGROLL's perturbations of its
-  matrices stay low-rank inside the forward (hidden layers: ``dense -> LayerNorm -> ReLU``, as in the paper).
+* :func:`rollout` -- one episode (``max_steps`` steps, rewards summed only while the episode has not ended:
+  ``terminated or truncated``);
 * :func:`make_fitness` -- ``(member_view, key, obs_stats) -> (mean return, ObsMoments)``: ``episodes`` episodes per
-  member, rewards summed only while the episode has not ended (``terminated or truncated``), averaged. The aux output
-  holds the moments of the observations the member saw, which :func:`update_obs_stats` folds into the running
-  normalisation statistics (see :class:`ObsStats`).
+  member, averaged; the aux output holds the moments of the observations the member saw, which
+  :func:`update_obs_stats` folds into the running normalisation statistics (:class:`ObsStats`);
+* :func:`make_evaluator` -- greedy returns of the unperturbed policy.
 
-Example::
-
-    adapter = rl.Gymnax("CartPole-v1")
-    policy = rl.Policy.for_adapter(adapter, width=32, depth=2)
-    fitness = rl.make_fitness(adapter, policy, episodes=2)
-    strategy = esx.eggroll(population_size=256, rank=4, sigma=0.2, optimizer=optax.sgd(0.1))
-    state = strategy.init(jax.random.key(0), policy.init(jax.random.key(1)))
-    stats = rl.ObsStats.create(adapter.observation_shape)
-    returns, moments = strategy.evaluate(state, fitness, jax.random.key(2), stats, has_aux=True)
-    state, metrics = strategy.tell(state, returns)
-    stats = rl.update_obs_stats(stats, moments)
+The package docstring (:mod:`esx_envs.rl`) has a worked example.
 """
 from __future__ import annotations
 
