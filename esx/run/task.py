@@ -219,9 +219,10 @@ def fitness_task(config: RunConfig, strategy, params: Any, fitness_fn: Callable,
 # ----------------------------------------------------------------------------------------------------------------
 # The task registry (entry points)
 # ----------------------------------------------------------------------------------------------------------------
-def task_classes() -> dict[str, type]:
-    """``{kind: config class}`` of every task registered under the entry-point group ``esx.tasks`` by an
-    installed distribution (loaded on each call; a package installed while the process runs is found)."""
+def task_classes() -> dict[str, metadata.EntryPoint]:
+    """``{kind: entry point}`` of every task registered under the entry-point group ``esx.tasks`` by an installed
+    distribution (read on each call, so a package installed while the process runs is found; nothing is imported:
+    :func:`task_class` loads one kind's class)."""
     out: dict[str, type] = {}
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         if ep.name in out:
