@@ -4,15 +4,18 @@ The public API (everything else is internal):
 
 * strategies: :func:`eggroll`, :func:`open_es` (and the integer :mod:`esx.int_eggroll` for int8 models)
   -> :class:`Strategy` (``init / ask / view / evaluate / tell``),
-  the free :func:`step`, the state :class:`State` and :class:`Metrics`;
+  the free :func:`step` (or ``strategy.make_step(fitness)``), the state :class:`State` and :class:`Metrics`;
+  esx maximises the fitness: wrap a loss with :func:`minimize`;
 * model-side ops: :func:`dense`, :func:`embed`, :func:`value` and the perturbed leaves :class:`LowRank`,
   :class:`Full`; :func:`prepare` resolves a member view once before a loop (leaves :class:`SplitLowRank`);
-* :mod:`esx.shaping` (fitness is higher-is-better), :mod:`esx.labels`, :mod:`esx.noise`.
+* :mod:`esx.shaping` (fitness is higher-is-better), :mod:`esx.labels`, :mod:`esx.noise`;
+* member views support ``x @ w`` / ``w @ x`` / ``w.T`` (low-rank) and refuse other arithmetic; Flax, Equinox
+  and evosax code runs through :mod:`esx.interop` (imported on its own: ``import esx`` never loads them).
 
 Only jax, optax and numpy are imported here.
 """
 from esx import int_eggroll, labels, noise, shaping
-from esx.base import Config, Metrics, Population, State, Strategy, paper_learning_rate, step
+from esx.base import Config, Metrics, Population, State, Strategy, minimize, paper_learning_rate, step
 from esx.eggroll import eggroll
 from esx.labels import FROZEN, FULL, LOWRANK, make_labels
 from esx.open_es import open_es
@@ -22,6 +25,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Config", "FROZEN", "FULL", "Full", "LOWRANK", "LowRank", "Metrics", "Population", "SplitLowRank", "State",
-    "Strategy", "dense", "eggroll", "embed", "int_eggroll", "labels", "make_labels", "noise", "open_es",
+    "Strategy", "dense", "eggroll", "embed", "int_eggroll", "labels", "make_labels", "minimize", "noise", "open_es",
     "paper_learning_rate", "prepare", "shaping", "step", "value",
 ]

@@ -42,12 +42,22 @@ class LeafTable(NamedTuple):
     Attributes:
       treedef: the tree structure of the parameters.
       paths: ``L`` path strings (``"enc/w"``); a leaf's noise id is :func:`esx.noise.leaf_id` of its path.
-      labels: ``L`` labels, ``"lowrank"`` / ``"full"`` / ``"frozen"``.
+      labels: ``L`` labels, ``"lowrank"`` / ``"full"`` / ``"frozen"`` (a ``"lowrank:k"`` label is ``"lowrank"``
+        here, with its ``k`` in ``rows``).
+      rows: ``L`` entries, ``k`` for a tensor leaf labelled ``"lowrank:k"`` (one matrix whose rows are its first
+        ``k`` axes), else ``None``.
     """
 
     treedef: Any
     paths: list
     labels: list
+    rows: list | None = None
+
+    def matrix_shape(self, i: int, shape: tuple) -> tuple:
+        """The shape leaf ``i``'s noise is drawn for: ``shape`` itself, or ``(prod(shape[:k]), prod(shape[k:]))``
+        for a tensor leaf."""
+        k = self.rows[i] if self.rows else None
+        return tuple(shape) if k is None else (math.prod(shape[:k]), math.prod(shape[k:]))
 
 
 def resolve_labels(params: Any, spec: Any, lowrank: bool) -> list[str]:
@@ -62,15 +72,21 @@ def resolve_labels(params: Any, spec: Any, lowrank: bool) -> list[str]:
         tree = spec
     flat = jax.tree_util.tree_structure(params).flatten_up_to(tree)
     if not lowrank:
-        flat = [labels_lib.FULL if lab == labels_lib.LOWRANK else lab for lab in flat]
+        flat = [labels_lib.FULL if labels_lib.split(lab)[0] == labels_lib.LOWRANK else lab for lab in flat]
     return list(flat)
 
 
-def leaf_table(params: Any, spec: Any, *, lowrank: bool) -> LeafTable:
-    """The :class:`LeafTable` of ``params`` under the label ``spec`` (see :func:`resolve_labels`)."""
+def leaf_table(params: Any, spec: Any, *, lowrank: bool, tensors: bool = True) -> LeafTable:
+    """The :class:`LeafTable` of ``params`` under the label ``spec`` (see :func:`resolve_labels`); ``ValueError``
+    for a ``"lowrank:k"`` label when the strategy takes no tensor leaves (``tensors=False``)."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     paths = [labels_lib.path_to_str(p) for p, _ in flat]
-    return LeafTable(treedef, paths, resolve_labels(params, spec, lowrank))
+    kinds, rows = zip(*map(labels_lib.split, resolve_labels(params, spec, lowrank))) if flat else ((), ())
+    if not tensors and any(k is not None for k in rows):
+        bad = [p for p, k in zip(paths, rows) if k is not None]
+        raise ValueError(f"labels: tensor labels 'lowrank:k' are not supported by this strategy (leaves {bad}); "
+                         "label them 'lowrank' (stacked matrices) or 'full'")
+    return LeafTable(treedef, paths, list(kinds), list(rows))
 
 
 def check_key(key: Any) -> jax.Array:

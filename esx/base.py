@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -137,6 +138,22 @@ class Strategy(NamedTuple):
     gradient: Callable
     apply: Callable
 
+    def make_step(self, fitness_fn: FitnessFn, *, data_per_group: bool = False) -> Callable:
+        """The fast path: ``step(state, key, data=None) -> (State, Metrics)``, one generation (evaluate + tell) of
+        this strategy on ``fitness_fn`` under one ``jit``, compiled once (per data shape) however often it runs.
+
+        The same as :func:`step` with the function fixed; ask → view → tell by hand draws the noise twice and
+        gathers views, and runs slower (docs/interop.md).
+        """
+        strategy = self
+
+        @jax.jit
+        def bound(state: State, key: jax.Array, data: Any = None) -> tuple[State, Metrics]:
+            fitness = strategy.evaluate(state, fitness_fn, key, data, data_per_group=data_per_group)
+            return strategy.tell(state, fitness)
+
+        return bound
+
 
 def paper_learning_rate(lr_paper: float, *, sigma: float, population_size: int) -> float:
     """Converts a learning rate of the paper's code (SGD) to the textbook convention used by esx.
@@ -184,6 +201,117 @@ def _select(pred: jax.Array, a: Any, b: Any) -> Any:
 
 
 @functools.partial(jax.jit, static_argnames=("strategy", "fitness_fn", "data_per_group"))
+def _step(strategy: Strategy, state: State, fitness_fn: Callable, key: jax.Array, data: Any = None,
+          *, data_per_group: bool = False) -> tuple[State, Metrics]:
+    fitness = strategy.evaluate(state, fitness_fn, key, data, data_per_group=data_per_group)
+    return strategy.tell(state, fitness)
+
+
+class _SameFunction:
+    """A fitness function as ``jit``'s static argument, equal to another one that computes the same thing: the same
+    code with the same closure, defaults and globals (a lambda or nested function made again each generation), or a
+    ``functools.partial`` of an equal function with the same arguments (identity, or ``==`` for hashable ones)."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self._key = _function_key(fn)
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __hash__(self):
+        return hash(self._key)
+
+    def __eq__(self, other):
+        return isinstance(other, _SameFunction) and self._key == other._key
+
+
+class _Same:
+    """An argument compared by ``==`` when hashable, else by identity."""
+
+    def __init__(self, value: Any, functions: bool = True):
+        if functions and id(value) not in _IN_PROGRESS and (
+                isinstance(value, functools.partial) or (callable(value) and hasattr(value, "__code__"))):
+            value = _SameFunction(value)   # a function argument (a partial of a partial, a closure's helper)
+        self.value = value
+        try:
+            self._hash = hash(("v", value))
+            self.by_value = True
+        except TypeError:
+            self._hash, self.by_value = hash(("id", id(value))), False
+
+    def __hash__(self):
+        return self._hash
+
+    def __eq__(self, other):
+        if not isinstance(other, _Same) or self.by_value != other.by_value:
+            return False
+        if not self.by_value:
+            return self.value is other.value
+        try:
+            return bool(type(self.value) is type(other.value) and self.value == other.value)
+        except Exception:   # an __eq__ that returns an array, or raises
+            return self.value is other.value
+
+
+_IN_PROGRESS: set = set()   # ids of the functions whose key is being built (a recursive closure compares by identity)
+
+
+def _function_key(fn: Callable) -> tuple:
+    _IN_PROGRESS.add(id(fn))
+    try:
+        return _key_of(fn)
+    finally:
+        _IN_PROGRESS.discard(id(fn))
+
+
+def _key_of(fn: Callable) -> tuple:
+    if isinstance(fn, functools.partial):
+        return ("partial", _function_key(fn.func), tuple(map(_Same, fn.args)),
+                tuple(sorted((k, _Same(v)) for k, v in fn.keywords.items())))
+    code = getattr(fn, "__code__", None)
+    if code is None or not hasattr(fn, "__globals__"):
+        return ("object", _Same(fn))
+    cells = tuple(_Same(c.cell_contents) if _filled(c) else None for c in (fn.__closure__ or ()))
+    glob = fn.__globals__   # the globals it reads, by object: a module-level array rebound between calls differs
+    used = tuple((name, _Same(glob[name], functions=False)) for name in code.co_names if name in glob)
+    return ("function", code, id(glob), used, cells, tuple(map(_Same, fn.__defaults__ or ())),
+            tuple(sorted((k, _Same(v)) for k, v in (fn.__kwdefaults__ or {}).items())))
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True
+
+
+_COMPILES: dict = {}   # code object -> distinct fitness functions compiled by step
+_WARNED: set = set()
+_WARN_AFTER = 3
+
+
+def _note_compile(fn: Callable, key: _SameFunction) -> None:
+    """Warns once per code object when ``step`` has compiled a third distinct function of the same code: a fitness
+    that closes over a new array (or a ``partial`` with new arguments) each generation recompiles each time."""
+    inner = fn.func if isinstance(fn, functools.partial) else fn
+    code = getattr(inner, "__code__", type(inner))
+    seen = _COMPILES.setdefault(code, [])
+    if any(k == key for k in seen):
+        return
+    seen.append(key)
+    del seen[:-_WARN_AFTER]
+    if len(seen) >= _WARN_AFTER and code not in _WARNED:
+        _WARNED.add(code)
+        warnings.warn(
+            f"esx.step compiled the whole generation again for a new fitness function "
+            f"({getattr(inner, '__qualname__', inner)!r}, {_WARN_AFTER} different ones so far): a fitness made anew "
+            "each call whose closure, defaults or partial arguments change (e.g. a new array) is a new program. "
+            "Build the step once, `step = strategy.make_step(fitness_fn)`, and pass changing arrays as `data`.",
+            stacklevel=3)
+
+
 def step(strategy: Strategy, state: State, fitness_fn: FitnessFn, key: jax.Array, data: Any = None,
          *, data_per_group: bool = False) -> tuple[State, Metrics]:
     """One whole generation (evaluate + tell) under one ``jit``.
@@ -191,13 +319,46 @@ def step(strategy: Strategy, state: State, fitness_fn: FitnessFn, key: jax.Array
     Args:
       strategy: a :class:`Strategy` (static; hashed by identity).
       state: the current :class:`State`.
-      fitness_fn: ``(view, key, data) -> float[]`` (static; hashed by identity, so pass the same function
-        object every call to avoid recompiling).
+      fitness_fn: ``(view, key, data) -> float[]``, higher is better (wrap a loss with :func:`minimize`). Static:
+        compiled once per distinct function; a lambda, nested function or ``functools.partial`` made again each
+        call counts as the same function when its code, closure and arguments are the same objects (hashable
+        values compare by ``==``). One that closes over a new array each call compiles each time -- pass the
+        array as ``data``; ``step`` warns after the third such compile. :meth:`Strategy.make_step` builds a step
+        bound to one fitness.
       key: the evaluation key of this generation (environment seeds, sampling); split it at the call site.
       data: anything the fitness function needs (shared, or one slice per group with ``data_per_group``).
 
     Returns:
       ``(new_state, metrics)``: ``fitness: float[N]`` is evaluated and told in one program.
     """
-    fitness = strategy.evaluate(state, fitness_fn, key, data, data_per_group=data_per_group)
-    return strategy.tell(state, fitness)
+    same = fitness_fn if isinstance(fitness_fn, _SameFunction) else _SameFunction(fitness_fn)
+    before = _step._cache_size()
+    out = _step(strategy, state, same, key, data, data_per_group=data_per_group)
+    if _step._cache_size() != before:
+        _note_compile(same.fn, same)
+    return out
+
+
+step.lower = lambda strategy, state, fitness_fn, *args, **kwargs: _step.lower(   # noqa: E731
+    strategy, state, _SameFunction(fitness_fn), *args, **kwargs)
+step._cache_size = _step._cache_size
+
+
+def minimize(loss_fn: Callable) -> Callable:
+    """``loss_fn(view, key, data) -> float[]`` (lower is better) as an esx fitness (higher is better): its negation.
+
+    esx maximises; evosax and most optimisers minimise. Write the direction where the fitness is made::
+
+        state, metrics = esx.step(strategy, state, esx.minimize(mse), key, data)   # metrics report -mse
+
+    With ``has_aux`` a ``(loss, aux)`` result becomes ``(-loss, aux)``. The wrapper of one ``loss_fn`` is built
+    anew each call but compares equal, so :func:`step` does not recompile for it.
+    """
+    return functools.partial(_negated, loss_fn)
+
+
+def _negated(loss_fn: Callable, *args, **kwargs):
+    out = loss_fn(*args, **kwargs)
+    if isinstance(out, tuple):
+        return (-out[0],) + tuple(out[1:])
+    return -out

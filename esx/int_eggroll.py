@@ -213,7 +213,7 @@ def _check_leaf(path: str, leaf: Any, label: str) -> None:
 
 def _init(cfg: IntConfig, key: jax.Array, params: Any) -> State:
     key = _members.check_key(key)
-    _members.check_leaves(_members.leaf_table(params, cfg.labels, lowrank=True), params, _check_leaf)
+    _members.check_leaves(_members.leaf_table(params, cfg.labels, lowrank=True, tensors=False), params, _check_leaf)
     params = jax.tree_util.tree_map(lambda x: jnp.clip(jnp.asarray(x), -127, 127).astype(jnp.int8), params)
     return State(params=params, opt_state=(), sigma=jnp.asarray(cfg.sigma_shift, jnp.int32),
                  generation=jnp.zeros((), jnp.int32), key=key, table=jnp.asarray(normal_table()))
@@ -373,7 +373,7 @@ def int_eggroll(
                     int(group_size), int(noise_reuse), labels, member_batch=member_batch)
     members = _members.Members(cfg.population_size, cfg.group_size, antithetic=True, member_batch=member_batch)
     perturbation = _members.Perturbation(
-        table_of=lambda params: _members.leaf_table(params, cfg.labels, lowrank=True),
+        table_of=lambda params: _members.leaf_table(params, cfg.labels, lowrank=True, tensors=False),
         pair_noise=lambda state, table, pair: _pair_noise(cfg, state, table, pair),
         member_view=_member_view,
         sign_dtype=jnp.int32,

@@ -6,6 +6,11 @@ Every parameter leaf gets one label that decides how evolution strategies treat 
   ``E = A Bᵀ / √r`` with ``A: float[..., m, r]`` and ``B: float[..., n, r]``. Any leading axes beyond the
   last two are *stack* axes (for example the layer axis of scanned layers): every slice gets its own,
   independent noise.
+* ``"lowrank:k"`` (:func:`lowrank`) -- an N-D leaf that is *one* matrix whose rows are its first ``k`` axes and
+  whose columns are the rest, e.g. a Flax ``DenseGeneral`` kernel ``[d, heads, head_dim]`` (``k = 1``) or its output
+  kernel ``[heads, head_dim, d]`` (``k = 2``): ``A: float[*shape[:k], r]``, ``B: float[*shape[k:], r]``, the noise
+  of the flattened ``[prod(shape[:k]), prod(shape[k:])]`` matrix. :func:`esx.dense` contracts the last ``k`` axes
+  of its input with it. (``int_eggroll`` takes matrices and stacks only.)
 * ``"full"`` -- an ordinary full-rank Gaussian perturbation ``σ ε`` with ``ε`` the shape of the leaf
   (biases, norm scales, scalars; and every leaf in the full-rank ``open_es`` baseline).
 * ``"frozen"`` -- neither perturbed nor updated.
@@ -30,6 +35,26 @@ FROZEN = "frozen"
 LABELS = (LOWRANK, FULL, FROZEN)
 
 Labeller = Callable[[str, Any], str]
+
+
+def lowrank(rows: int) -> str:
+    """The label ``"lowrank:rows"``: the leaf is one matrix whose rows are its first ``rows`` axes (see above)."""
+    if not isinstance(rows, int) or isinstance(rows, bool) or rows < 1:
+        raise ValueError(f"lowrank(rows={rows!r}); rows must be an integer >= 1")
+    return f"{LOWRANK}:{rows}"
+
+
+def split(label: str) -> tuple[str, int | None]:
+    """``(kind, rows)``: ``("lowrank", k)`` for ``"lowrank:k"``, ``(label, None)`` for the plain labels.
+
+    Raises ``ValueError`` for anything that is not a valid label."""
+    if isinstance(label, str) and label.startswith(LOWRANK + ":"):
+        tail = label[len(LOWRANK) + 1:]
+        if tail.isdigit() and int(tail) >= 1:
+            return LOWRANK, int(tail)
+    elif label in LABELS:
+        return label, None
+    raise ValueError(f"label {label!r}; valid labels are {LABELS} and 'lowrank:k' (k >= 1 row axes)")
 
 
 def path_to_str(path: tuple) -> str:
@@ -115,9 +140,16 @@ def check_labels(params: Any, labels: Any) -> None:
         )
     for (path, leaf), label in zip(p_flat, l_leaves):
         name = path_to_str(path)
-        if label not in LABELS:
-            raise ValueError(f"labels: leaf {name!r} has label {label!r}; valid labels are {LABELS}")
-        if label == LOWRANK and np.ndim(leaf) < 2:
+        try:
+            kind, rows = split(label)
+        except ValueError:
+            raise ValueError(f"labels: leaf {name!r} has label {label!r}; valid labels are {LABELS} and "
+                             "'lowrank:k' (esx.labels.lowrank(k))") from None
+        if rows is not None and not 1 <= rows < np.ndim(leaf):
+            raise ValueError(
+                f"labels: leaf {name!r} has shape {np.shape(leaf)} but label {label!r} needs 1 <= k < ndim "
+                "(k row axes, the rest are columns)")
+        if kind == LOWRANK and np.ndim(leaf) < 2:
             raise ValueError(
                 f"labels: leaf {name!r} has shape {np.shape(leaf)} but label 'lowrank' needs ndim >= 2 "
                 "(use 'full' for vectors and scalars)"

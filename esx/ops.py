@@ -13,6 +13,7 @@ Both are pytrees, so stacked layers can be sliced by ``lax.scan``: ``c`` has the
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 import jax
@@ -22,8 +23,28 @@ from jax import lax
 Layout = Literal["in_out", "out_in"]
 
 
+def _refuse(op: str):
+    """A dunder that raises the :class:`TypeError` of an unsupported operation ``op`` on a member view."""
+
+    def method(self, *args, **kwargs):
+        raise TypeError(
+            f"esx.{type(self).__name__} (a member view of shape {tuple(self.shape)}) does not support {op}: a "
+            "perturbed parameter reaches your fitness as a view. Use `x @ w` / esx.dense(x, w) (low-rank, the fast "
+            "path), esx.embed(ids, w), or esx.value(w) for a plain array (it materialises a full m×n matrix per "
+            "member); Flax, Equinox and evosax models run unchanged through esx.interop (linen, nnx, equinox, "
+            "evosax): see docs/interop.md")
+
+    method.__name__ = f"_refused_{op}"
+    return method
+
+
 class _ArrayLike:
-    """``shape`` / ``dtype`` / ``ndim`` of a perturbed leaf: those of its ``base`` (what model code sees)."""
+    """What model code sees of a perturbed leaf: ``shape`` / ``dtype`` / ``ndim`` of its ``base``, the products
+    ``x @ w`` (:func:`dense`, ``w: [m, n]``) and ``w @ x`` (``x @ wᵀ``: Equinox / PyTorch ``[out, in]`` weights), and
+    ``w.T``; every other operation (``w + 1``, ``w[i]``, ``jnp.asarray(w)``, ``float(w)``) raises a
+    :class:`TypeError` that names :func:`value` and :mod:`esx.interop`."""
+
+    __array_priority__ = 100   # numpy defers ``ndarray @ view`` to ``view.__rmatmul__``
 
     @property
     def shape(self):
@@ -36,6 +57,45 @@ class _ArrayLike:
     @property
     def ndim(self):
         return self.base.ndim
+
+    @property
+    def size(self):
+        return self.base.size
+
+    def __rmatmul__(self, x):
+        """``x @ w = dense(x, w)``: ``x: float[..., m]``, ``w: [m, n]`` -> ``float[..., n]``."""
+        return dense(x, self)
+
+    def __matmul__(self, x):
+        """``w @ x`` for ``w: [m, n]``: ``x: float[n]`` -> ``float[m]``; ``x: float[..., n, k]`` -> ``float[..., m, k]``
+        (as ``jnp.matmul``), computed as :func:`dense` with ``layout="out_in"``, never materialising ``w``."""
+        if self.ndim != 2:
+            return _refuse("`@` on a stacked or tensor view (slice it to a matrix first)")(self)
+        x = jnp.asarray(x)
+        if x.ndim == 1:
+            return dense(x, self, layout="out_in")
+        return jnp.swapaxes(dense(jnp.swapaxes(x, -1, -2), self, layout="out_in"), -1, -2)
+
+    __add__ = __radd__ = _refuse("`+`")
+    __sub__ = __rsub__ = _refuse("`-`")
+    __mul__ = __rmul__ = _refuse("`*`")
+    __truediv__ = __rtruediv__ = _refuse("`/`")
+    __floordiv__ = __rfloordiv__ = _refuse("`//`")
+    __pow__ = __rpow__ = _refuse("`**`")
+    __neg__ = _refuse("negation")
+    __pos__ = _refuse("unary `+`")
+    __abs__ = _refuse("abs()")
+    __getitem__ = _refuse("indexing (`w[...]`; Flax NNX reads `variable[...]`)")
+    __iter__ = _refuse("iteration")
+    __array__ = _refuse("conversion to an array (jnp.asarray / np.asarray)")
+    __float__ = _refuse("float()")
+    __int__ = _refuse("int()")
+
+    def astype(self, dtype):
+        return _refuse(f"astype({dtype})")(self)
+
+    def reshape(self, *shape):
+        return _refuse("reshape()")(self)
 
 
 @jax.tree_util.register_dataclass
@@ -55,6 +115,28 @@ class LowRank(_ArrayLike):
     b: jax.Array
     coef: jax.Array
 
+    @property
+    def T(self) -> "LowRank":
+        """The transpose ``Wᵀ + c · B Aᵀ`` of a matrix view (still low-rank)."""
+        if self.ndim != 2 or _tensor_rows(self) is not None:
+            return _refuse("`.T` on a stacked or tensor view")(self)
+        return LowRank(self.base.T, self.b, self.a, self.coef)
+
+
+def _tensor_rows(w: LowRank) -> int | None:
+    """``k`` for a *tensor* view (a leaf labelled ``"lowrank:k"``: ``base [*in, *out]``, ``a [*in, r]``,
+    ``b [*out, r]``, one matrix whose rows are the first ``k`` axes), ``None`` for a matrix or a stack of them."""
+    if w.base.ndim > 2 and w.a.ndim + w.b.ndim - 2 == w.base.ndim:
+        return w.a.ndim - 1
+    return None
+
+
+def _as_matrix(w: LowRank) -> LowRank:
+    """A tensor view as the ``[prod(in), prod(out)]`` matrix view it stands for (reshapes only)."""
+    r = w.a.shape[-1]
+    m, n = math.prod(w.a.shape[:-1]), math.prod(w.b.shape[:-1])
+    return LowRank(w.base.reshape(m, n), w.a.reshape(m, r), w.b.reshape(n, r), w.coef)
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +153,13 @@ class Full(_ArrayLike):
     base: jax.Array
     eps: jax.Array
     coef: jax.Array
+
+    @property
+    def T(self) -> "Full":
+        """The transpose of a matrix view."""
+        if self.ndim != 2:
+            return _refuse("`.T` on a view that is not a matrix")(self)
+        return Full(self.base.T, self.eps.T, jnp.broadcast_to(self.coef[:1], self.base.shape[1:]))
 
 
 @jax.tree_util.register_dataclass
@@ -94,6 +183,11 @@ class SplitLowRank(_ArrayLike):
     a: tuple
     b: tuple
     coef: jax.Array
+
+    @property
+    def T(self) -> "SplitLowRank":
+        """The transpose (still low-rank)."""
+        return SplitLowRank(self.base.T, self.b, self.a, self.coef)
 
 
 def _is_leaf(x) -> bool:
@@ -240,6 +334,14 @@ def dense(x: jax.Array, w, *, layout: Layout = "in_out") -> jax.Array:
     """
     if layout not in ("in_out", "out_in"):
         raise ValueError(f"dense: layout={layout!r}; valid layouts are 'in_out' and 'out_in'")
+    if isinstance(w, LowRank) and _tensor_rows(w) is not None:
+        k = _tensor_rows(w)
+        if layout != "in_out":
+            raise ValueError(f"dense: a tensor view (label 'lowrank:{k}') takes layout='in_out' only")
+        if tuple(x.shape[x.ndim - k:]) != tuple(w.a.shape[:-1]):
+            raise ValueError(f"dense: input {x.shape} does not end in the view's input axes {w.a.shape[:-1]}")
+        out = dense(x.reshape(x.shape[:x.ndim - k] + (-1,)), _as_matrix(w))
+        return out.reshape(x.shape[:x.ndim - k] + w.b.shape[:-1])
     if isinstance(w, LowRank):
         _check_matrix(w, "dense")
         c = w.coef.astype(x.dtype)
@@ -290,6 +392,8 @@ def value(v) -> jax.Array:
     Meant for non-matrix leaves (biases, norm scales). On a :class:`LowRank` leaf it materialises
     ``base + c · A Bᵀ`` -- correct, but it costs a full ``m×n`` matrix per member.
     """
+    if isinstance(v, LowRank) and _tensor_rows(v) is not None:
+        return value(_as_matrix(v)).reshape(v.base.shape)
     if isinstance(v, LowRank):
         c = v.coef.astype(v.base.dtype)[..., None, None]
         return v.base + c * jnp.einsum("...mr,...nr->...mn", v.a, v.b)

@@ -99,6 +99,15 @@ def _sigma_at(cfg: Config, generation: jax.Array) -> jax.Array:
     return jnp.asarray(cfg.sigma, jnp.float32)
 
 
+def _next_sigma(cfg: Config, state: State) -> jax.Array:
+    """σ of the next generation under a schedule: ``schedule(g + 1)`` while ``state.sigma`` is ``schedule(g)``; a σ
+    set in the state by hand (``state.replace(sigma=...)``, e.g. vmapped over a sweep) is kept and follows the
+    schedule's shape: ``σ · schedule(g + 1) / schedule(g)``."""
+    now, nxt = _sigma_at(cfg, state.generation), _sigma_at(cfg, state.generation + 1)
+    scaled = state.sigma * jnp.where(now != 0, nxt / jnp.where(now != 0, now, 1.0), 1.0)
+    return jnp.where(state.sigma == now, nxt, scaled)
+
+
 def _check_leaf(path: str, leaf: Any, label: str) -> None:
     if label != labels_lib.FROZEN and not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
         raise TypeError(
@@ -107,10 +116,10 @@ def _check_leaf(path: str, leaf: Any, label: str) -> None:
         )
 
 
-def _check_table_size(cfg: Config, params: Any, labels: list) -> None:
+def _check_table_size(cfg: Config, params: Any, table: _members.LeafTable) -> None:
     biggest = 0
-    for leaf, lab in zip(jax.tree_util.tree_leaves(params), labels):
-        shp = np.shape(leaf)
+    for i, (leaf, lab) in enumerate(zip(jax.tree_util.tree_leaves(params), table.labels)):
+        shp = table.matrix_shape(i, np.shape(leaf))
         if lab == labels_lib.LOWRANK:
             biggest = max(biggest, (shp[-2] + shp[-1]) * cfg.rank)
         elif lab == labels_lib.FULL:
@@ -126,10 +135,12 @@ def _init(cfg: Config, key: jax.Array, params: Any) -> State:
     table = _members.leaf_table(params, cfg.labels, lowrank=cfg.lowrank)
     _members.check_leaves(table, params, _check_leaf)
     if cfg.noise_source == "table":
-        _check_table_size(cfg, params, table.labels)
+        _check_table_size(cfg, params, table)
     generation = jnp.zeros((), jnp.int32)
-    sigma0 = _sigma_at(cfg, generation)
-    if callable(cfg.sigma) and (not bool(jnp.isfinite(sigma0)) or float(sigma0) <= 0):
+    with jax.ensure_compile_time_eval():   # a schedule's value at 0 is a constant, also when init is jitted
+        sigma0 = _sigma_at(cfg, jnp.zeros((), jnp.int32))
+    if callable(cfg.sigma) and not isinstance(sigma0, jax.core.Tracer) and (
+            not np.isfinite(float(sigma0)) or float(sigma0) <= 0):
         raise ValueError(f"sigma schedule gives sigma={float(sigma0)} at generation 0; must be > 0")
     params = jax.tree_util.tree_map(jnp.asarray, params)
     return State(
@@ -144,7 +155,8 @@ def _init(cfg: Config, key: jax.Array, params: Any) -> State:
 
 def _pair_noise(cfg: Config, state: State, table: _members.LeafTable, pair: jax.Array) -> list:
     """One pair's noise, one entry per leaf (as :class:`Population`'s, without the leading axis)."""
-    leaves = jax.tree_util.tree_leaves(state.params)
+    leaves = [jax.ShapeDtypeStruct(table.matrix_shape(i, leaf.shape), leaf.dtype)
+              for i, leaf in enumerate(jax.tree_util.tree_leaves(state.params))]
     keys = noise_lib.member_keys(state.key, table.paths, state.generation, pair, cfg.noise_reuse)
     return noise_lib.leaf_noise(keys, leaves, table.labels, cfg.rank, cfg.noise_source, state.table)
 
@@ -153,9 +165,15 @@ def _member_view(cfg: Config, state: State, table: _members.LeafTable, noise: li
     """The view of the member with sign ``sign: float32[]``: :class:`LowRank` / :class:`Full` leaves with
     ``coef = σ s / √r`` (low-rank, shape ``stack``) or ``σ s`` (full, shape ``shape[:-1]``)."""
     leaves = []
-    for leaf, lab, nz in zip(jax.tree_util.tree_leaves(state.params), table.labels, noise):
+    for i, (leaf, lab, nz) in enumerate(zip(jax.tree_util.tree_leaves(state.params), table.labels, noise)):
         if lab == labels_lib.FROZEN:
             leaves.append(leaf)
+        elif lab == labels_lib.LOWRANK and table.rows[i] is not None:   # tensor leaf: one matrix, rows = k axes
+            a, b = nz
+            k = table.rows[i]
+            coef = (state.sigma * sign / math.sqrt(cfg.rank)).astype(jnp.float32)
+            leaves.append(LowRank(leaf, a.reshape(leaf.shape[:k] + a.shape[-1:]),
+                                  b.reshape(leaf.shape[k:] + b.shape[-1:]), coef))
         elif lab == labels_lib.LOWRANK:
             a, b = nz
             coef = state.sigma * sign / math.sqrt(cfg.rank)
@@ -211,8 +229,8 @@ def _gradient(cfg: Config, perturbation: _members.Perturbation, members: _member
     for leaf, lab, g in zip(leaves, table.labels, sums):
         if lab == labels_lib.FROZEN:
             grads.append(jnp.zeros_like(leaf))
-        elif lab == labels_lib.LOWRANK:
-            grads.append((g * (scale / math.sqrt(cfg.rank))).astype(leaf.dtype))
+        elif lab == labels_lib.LOWRANK:   # (a tensor leaf's [prod(in), prod(out)] sum takes the leaf's shape)
+            grads.append((g * (scale / math.sqrt(cfg.rank))).astype(leaf.dtype).reshape(leaf.shape))
         else:
             grads.append((g * scale).astype(leaf.dtype))
     return jax.tree_util.tree_unflatten(table.treedef, grads)
@@ -237,7 +255,7 @@ def _apply(cfg: Config, perturbation: _members.Perturbation, state: State, grad_
     params = _select(ok, params, state.params)
     opt_state = _select(ok, opt_state, state.opt_state)
     generation = state.generation + 1
-    new_sigma = _sigma_at(cfg, generation) if callable(cfg.sigma) else state.sigma
+    new_sigma = _next_sigma(cfg, state) if callable(cfg.sigma) else state.sigma
     metrics = Metrics(
         **fitness_stats(fitness),
         grad_norm=_global_norm(grad_tree),
