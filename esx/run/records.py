@@ -129,7 +129,7 @@ class TensorBoard:
         try:
             from tensorboardX import SummaryWriter
         except ImportError as e:
-            raise ImportError("tensorboard=True (--tensorboard) needs tensorboardX: pip install 'esx[tensorboard]'"
+            raise ImportError("tensorboard=True (--tensorboard) needs tensorboardX: pip install 'esx-jax[tensorboard]'"
                               ) from e
         return SummaryWriter
 
