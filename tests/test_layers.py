@@ -7,6 +7,8 @@ entry-point lookup is an import too. Layers (docs/architecture.md):
 
 * engine: the modules directly in ``esx/`` -- jax, optax, numpy, the standard library and other engine modules;
 * runner: ``esx/run/`` -- the engine, its own modules, and orbax / tqdm / matplotlib / tensorboardX;
+* interop: ``esx/interop/`` -- the engine, its own modules, and the framework each adapter serves (flax, equinox,
+  evosax); never the runner (``import esx`` loads none of them: the engine never imports ``esx.interop``);
 * application: ``esx_envs`` (the ``envs/`` folder) -- anything, but never imported by ``esx``.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE_ALLOWED = {"jax", "jaxlib", "optax", "numpy"}
 RUNNER_ALLOWED = ENGINE_ALLOWED | {"orbax", "tqdm", "matplotlib", "tensorboardX"}
+INTEROP_ALLOWED = ENGINE_ALLOWED | {"flax", "equinox", "evosax"}
 STDLIB = set(sys.stdlib_module_names) | {"__future__"}
 DOTTED = re.compile(r"\besx_envs(\.[A-Za-z_][A-Za-z0-9_]*)*\b")
 
@@ -74,14 +77,18 @@ def _engine_rule(module: str, name: str) -> str | None:
     if name.startswith("esx_envs") or top == "esx_envs":
         return "the engine never imports the application"
     in_runner = module.startswith("esx.run")
+    in_interop = module.startswith("esx.interop")
     if top == "esx":
         if not in_runner and name.startswith("esx.run"):
             return "the engine never imports the runner"
+        if not in_interop and name.startswith("esx.interop"):
+            return "the engine and the runner never import esx.interop"
         return None
-    allowed = RUNNER_ALLOWED if in_runner else ENGINE_ALLOWED
+    layer, allowed = (("runner", RUNNER_ALLOWED) if in_runner else ("interop", INTEROP_ALLOWED) if in_interop
+                      else ("engine", ENGINE_ALLOWED))
     if top in allowed or top in STDLIB:
         return None
-    return f"{'runner' if in_runner else 'engine'} modules import only {sorted(allowed)} and the standard library"
+    return f"{layer} modules import only {sorted(allowed)} and the standard library"
 
 
 def test_engine_and_runner_import_only_what_their_layer_allows():
@@ -119,6 +126,8 @@ def test_application_imports_esx_only_through_its_public_modules():
     ("def f():\n    import orbax.checkpoint\n", "engine modules import only"),
     ("import gymnax\n", "engine modules import only"),
     ("from esx.run import train\n", "the engine never imports the runner"),
+    ("import flax.linen as nn\n", "engine modules import only"),
+    ("from esx.interop import linen\n", "never import esx.interop"),
 ])
 def test_the_walk_catches_each_kind_of_reverse_edge(tmp_path, bad_source, expected):
     """The checker itself: each kind of forbidden import, planted in a fake engine module, is reported."""
@@ -164,3 +173,14 @@ def test_engine_modules_and_functions_stay_readable(path):
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
             assert ast.get_docstring(node), f"{path.name}: public {node.name} has no docstring"
+
+
+def test_interop_may_import_its_frameworks_but_not_the_runner_or_tasks(tmp_path):
+    pkg = tmp_path / "esx"
+    (pkg / "interop").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "interop" / "__init__.py").write_text("")
+    (pkg / "interop" / "ok.py").write_text("import flax.linen as nn\nimport equinox as eqx\nimport evosax\n")
+    (pkg / "interop" / "bad.py").write_text("import orbax.checkpoint\nfrom esx_envs import rl\n")
+    found = _violations(pkg, "esx", _engine_rule, root=tmp_path)
+    assert len(found) == 2 and all("interop/bad.py" in f for f in found), found
