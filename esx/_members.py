@@ -63,7 +63,8 @@ class LeafTable(NamedTuple):
 def resolve_labels(params: Any, spec: Any, lowrank: bool) -> list[str]:
     """The ``L`` labels of ``params`` (flattening order) from a label ``spec`` (as :func:`esx.make_labels`, or a
     label pytree); with ``lowrank=False`` every ``"lowrank"`` label becomes ``"full"``."""
-    if spec is None or callable(spec) or (
+    labeller = callable(spec) and jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(spec))
+    if spec is None or labeller or (
         isinstance(spec, Mapping) and all(isinstance(v, str) for v in spec.values())
     ):
         tree = labels_lib.make_labels(params, spec)

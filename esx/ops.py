@@ -320,22 +320,39 @@ def _check_matrix(w, name: str) -> None:
         )
 
 
-def dense(x: jax.Array, w, *, layout: Layout = "in_out") -> jax.Array:
+def dense(x: jax.Array, w, *, layout: Layout = "in_out", rows: int | None = None) -> jax.Array:
     """``x @ W`` for ``layout="in_out"`` (Flax's ``kernel``) or ``x @ Wᵀ`` for ``layout="out_in"`` (PyTorch).
 
     Args:
-      x: ``float[..., d_in]``.
+      x: ``float[..., d_in]`` (``float[..., *in]`` for a tensor weight).
       w: a plain ``float[d_in, d_out]`` (``in_out``) / ``float[d_out, d_in]`` (``out_in``) array, or a
-        :class:`LowRank` / :class:`Full` leaf of that shape.
+        :class:`LowRank` / :class:`Full` leaf of that shape; or a tensor weight ``[*in, *out]`` (a leaf labelled
+        ``"lowrank:k"``, Flax's ``DenseGeneral`` kernel): one matrix whose rows are its first ``k`` axes, the last
+        ``k`` axes of ``x`` contracted with them.
       layout: ``"in_out"`` or ``"out_in"``.
+      rows: ``k`` for a tensor weight: needed for plain arrays and full views (the trained parameters), read off a
+        tensor view (checked when given).
 
     Returns:
-      ``float[..., d_out]``.
+      ``float[..., d_out]`` (``float[..., *out]`` for a tensor weight).
     """
     if layout not in ("in_out", "out_in"):
         raise ValueError(f"dense: layout={layout!r}; valid layouts are 'in_out' and 'out_in'")
-    if isinstance(w, LowRank) and _tensor_rows(w) is not None:
-        k = _tensor_rows(w)
+    view_rows = _tensor_rows(w) if isinstance(w, LowRank) else None
+    if rows is not None and (view_rows if view_rows is not None else rows) != rows:
+        raise ValueError(f"dense: rows={rows} but the view is a tensor over its first {view_rows} axes")
+    if rows is not None and view_rows is None and (not isinstance(rows, int) or not 1 <= rows < w.ndim):
+        raise ValueError(f"dense: rows={rows!r} for a weight of shape {tuple(w.shape)}; needs 1 <= rows < ndim")
+    if rows is not None and view_rows is None:   # a plain / full tensor weight: the flattened matrix
+        if layout != "in_out":
+            raise ValueError(f"dense: a tensor weight (rows={rows}) takes layout='in_out' only")
+        if tuple(x.shape[x.ndim - rows:]) != tuple(w.shape[:rows]):
+            raise ValueError(f"dense: input {x.shape} does not end in the weight's input axes {w.shape[:rows]}")
+        w = value(w)
+        mat = w.reshape(math.prod(w.shape[:rows]), -1)
+        return dense(x.reshape(x.shape[:x.ndim - rows] + (-1,)), mat).reshape(x.shape[:x.ndim - rows] + w.shape[rows:])
+    if view_rows is not None:
+        k = view_rows
         if layout != "in_out":
             raise ValueError(f"dense: a tensor view (label 'lowrank:{k}') takes layout='in_out' only")
         if tuple(x.shape[x.ndim - k:]) != tuple(w.a.shape[:-1]):

@@ -182,3 +182,48 @@ def test_minimize_makes_a_loss_go_down_and_passes_aux_through():
     assert float(m.fitness_mean) < 0   # the metrics report the negated loss
     aux = esx.minimize(lambda p, k, d: (jnp.float32(2.0), {"n": 1}))(None, None, None)
     assert float(aux[0]) == -2.0 and aux[1] == {"n": 1}
+
+
+def test_dense_rows_contracts_a_plain_or_full_tensor_weight_like_the_view():
+    x = jax.random.normal(jax.random.key(1), (5, 2, 3))
+    w = jax.random.normal(jax.random.key(2), (2, 3, 4))
+    np.testing.assert_allclose(esx.dense(x, w, rows=2), jnp.einsum("bij,ijk->bk", x, w), rtol=1e-5, atol=1e-5)
+    s = esx.eggroll(population_size=4, sigma=0.1, optimizer=optax.sgd(0.1), labels={"w": "lowrank:2"})
+    st = s.init(KEY, {"w": w})
+    v = s.view(st, s.ask(st), 2)["w"]
+    np.testing.assert_allclose(esx.dense(x, v, rows=2), esx.dense(x, esx.value(v), rows=2), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="first 2 axes"):
+        esx.dense(x[..., 0], v, rows=1)
+    with pytest.raises(ValueError, match="needs 1 <= rows < ndim"):
+        esx.dense(x, w, rows=3)
+    f = esx.open_es(population_size=4, sigma=0.1, optimizer=optax.sgd(0.1))
+    fst = f.init(KEY, {"w": w})
+    fv = f.view(fst, f.ask(fst), 1)["w"]
+    np.testing.assert_allclose(esx.dense(x, fv, rows=2), jnp.einsum("bij,ijk->bk", x, esx.value(fv)), rtol=1e-5,
+                               atol=1e-5)
+
+
+@jax.tree_util.register_pytree_node_class
+class _CallableTree:
+    """A label tree that is also callable, as an Equinox module is."""
+
+    def __init__(self, w, b):
+        self.w, self.b = w, b
+
+    def __call__(self, x):
+        raise AssertionError("a label tree is not a labeller")
+
+    def tree_flatten(self):
+        return (self.w, self.b), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
+
+
+def test_a_callable_label_tree_is_a_tree_not_a_labeller():
+    params = _CallableTree(jnp.ones((3, 4)), jnp.ones(4))
+    s = esx.eggroll(population_size=4, sigma=0.1, optimizer=optax.sgd(0.1), labels=_CallableTree("frozen", "full"))
+    st = s.init(KEY, params)
+    view = s.view(st, s.ask(st), 0)
+    assert not isinstance(view.w, esx.LowRank) and isinstance(view.b, esx.Full)
