@@ -255,7 +255,7 @@ def _row_product(x: jax.Array, w: jax.Array) -> jax.Array:
     action head), on CPU: ``m`` multiply-adds of rows of ``w`` (``m <= 8``) or ``n`` dot products with its columns.
     Under ``vmap`` over a population XLA:CPU runs ``x @ w`` as one small GEMM call per step plus a pass of its own
     for the bias and activation, while the elementwise form fuses with them (4→32→2 CartPole policy, 4096
-    members, 200 steps: pure inference 1.7x faster, EGGROLL evaluate + tell 1.3x; ``docs/rl.md``). Everything else,
+    members, 200 steps: pure inference 1.7x faster, EGGROLL evaluate + tell 1.3x; ``docs/results_history.md``). Everything else,
     and other platforms (chosen at lowering, ``lax.platform_dependent``): ``x @ w``. Equal up to float rounding.
     """
     if w.ndim != 2 or not _cpu_forms(x, w) or min(w.shape) > _TINY:

@@ -126,7 +126,7 @@ def test_single_row_dense_matches_float64_reference_under_vmap(m, n, rank):
 
 def test_single_row_dense_on_cpu_uses_no_matrix_product_for_a_tiny_input():
     """The CPU form really is taken: a population's one-row ``dense`` with a 4-wide input (plain, per-member or
-    low-rank weights) compiles to elementwise code, with no dot left (``docs/rl.md`` has the speed-up)."""
+    low-rank weights) compiles to elementwise code, with no dot left (``docs/results_history.md`` has the speed-up)."""
     if jax.default_backend() != "cpu":
         pytest.skip("CPU-only formulation")
     x, w = jnp.ones((8, 4)), jnp.ones((4, 32))

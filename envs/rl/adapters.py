@@ -38,7 +38,7 @@ class Adapter(Protocol):
     Optional: ``observe``, ``None`` or ``(env_state) -> obs`` returning exactly the observation that ``reset`` /
     ``step`` returned with that state. When present, :func:`rollout` carries only the environment state and
     recomputes the observation from it at each step: carrying both made XLA:CPU compute the step's physics once
-    more for the observation (a 4096-member CartPole rollout, pure inference: 36 -> 22 ms; ``docs/rl.md``).
+    more for the observation (a 4096-member CartPole rollout, pure inference: 36 -> 22 ms; ``docs/results_history.md``).
     """
 
     name: str

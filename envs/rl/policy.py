@@ -101,7 +101,7 @@ class Policy:
         """:func:`esx.prepare` before a rollout: full-rank leaves (biases, norm parameters) become plain arrays, so
         the per-step forward does not redo ``base + σ ε``, and rank > 1 matrices have their columns split once
         (:class:`esx.SplitLowRank`) instead of sliced at every step (rank 4, 2x64 policy, 200 steps: evaluation
-        15-20% faster; ``docs/rl.md``). In the ``"units"`` form it splits the per-member factors, biases and
+        15-20% faster; ``docs/results_history.md``). In the ``"units"`` form it splits the per-member factors, biases and
         matrices into scalars instead (:class:`_UnitMatrix`), once, outside the loop."""
         if self.resolved_form == "units":
             return {"hidden": [{k: (_split_units(v) if k == "w" else _split_vector(v)) for k, v in layer.items()}
