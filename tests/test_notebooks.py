@@ -55,12 +55,30 @@ def test_quickstart_notebook_fits():
     assert "generation 300" in runner and last < first < start, runner
 
 
+@pytest.mark.slow
+def test_bring_your_own_model_notebook_trains_nnx_and_equinox():
+    """An unchanged Flax NNX policy learns CartPole and an unchanged eqx.nn.MLP fits sin(2x), at the notebook's own
+    settings (about 30 s on 2 CPU cores)."""
+    nb = run_notebook("bring_your_own_model.ipynb", {})
+    text = outputs_text(nb)
+    assert "MaterializeWarning" not in text, text          # every matrix of both models ran low-rank
+    cartpole = next(t for t in text.splitlines() if t.startswith("cartpole:"))
+    first, last = (float(v) for v in cartpole.split("return")[1].split("in")[0].split("->"))
+    greedy = float(cartpole.split("20 episodes:")[1])
+    assert "in 50 generations" in cartpole and last > max(150.0, 2 * first) and greedy > 150.0, cartpole
+    equinox = next(t for t in text.splitlines() if t.startswith("equinox:"))
+    start, end = (float(v) for v in equinox.split("MSE")[1].split("in")[0].split("->"))
+    assert "in 200 generations" in equinox and end < 0.05 * start, equinox
+    assert "an eqx.nn.MLP: True" in text
+    assert any(o.get("output_type") == "display_data" for c in nb.cells for o in c.get("outputs", []))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # install cells
 
 NOTEBOOKS = sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))
 EXTRAS = {"quickstart.ipynb": "driver", "rl_cartpole.ipynb": "rl", "egg_int8.ipynb": "driver",
-          "llm_reasoning.ipynb": "llm"}
+          "llm_reasoning.ipynb": "llm", "bring_your_own_model.ipynb": "rl,interop"}
 
 
 def install_cell(name: str) -> tuple[str, str]:
