@@ -28,6 +28,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from esx import labels as labels_lib
+from esx import shaping as shaping_lib
+
 #: ``fitness_fn(view, key, data) -> float[]`` (or ``(float[], aux)`` with ``has_aux``): the fitness of one member.
 FitnessFn = Callable[[Any, jax.Array, Any], jax.Array]
 
@@ -61,7 +64,24 @@ class State:
 
 
 class Metrics(NamedTuple):
-    """Per-generation metrics returned by ``tell`` (all scalars)."""
+    """Per-generation metrics returned by ``tell`` (all scalars).
+
+    The fitness statistics (:func:`fitness_stats`), the update's size and the generation, then the population
+    diagnostics (:func:`population_diagnostics`, :func:`update_norms`; docs/hyperscale.md, "Diagnostics"):
+
+    * ``tie_fraction``: ``float32``, the fraction of members whose fitness equals another member's (non-finite
+      fitness counted as the worst finite value, as the shaping sees it);
+    * ``flat_group_fraction``: ``float32``, the fraction of groups whose members all scored the same (a prompt
+      every member solves or fails): groups of ``group_size`` members, or with ``group_size=1`` the antithetic
+      pairs, or without either the whole population (then 1 exactly when the fitness is constant);
+    * ``ess``: ``float32``, the effective sample size of the shaped pair weights ``w`` (one per antithetic pair, or
+      per member): ``(Σ|w|)² / Σw²``, the number of pairs when every weight has the same magnitude, 0 when all
+      are zero;
+    * ``update_norm_lowrank``, ``update_norm_full``: ``float32``, the 2-norm of the update (the ES gradient, or the
+      integer tallies) over the ``"lowrank"`` / ``"full"`` leaves (``grad_norm`` is both together);
+    * ``no_signal``: ``bool``, the generation carried no information about the perturbations: every shaped weight
+      is zero (the update is zero) or every group is flat (``flat_group_fraction == 1``).
+    """
 
     fitness_mean: jax.Array
     fitness_std: jax.Array
@@ -72,6 +92,16 @@ class Metrics(NamedTuple):
     sigma: jax.Array
     generation: jax.Array
     skipped: jax.Array
+    tie_fraction: jax.Array
+    flat_group_fraction: jax.Array
+    ess: jax.Array
+    update_norm_lowrank: jax.Array
+    update_norm_full: jax.Array
+    no_signal: jax.Array
+
+
+#: the population diagnostics of :class:`Metrics` (logged by the runner when a task's metrics have them).
+DIAGNOSTICS = ("tie_fraction", "flat_group_fraction", "ess", "update_norm_lowrank", "update_norm_full", "no_signal")
 
 
 class Population(NamedTuple):
@@ -181,6 +211,64 @@ def fitness_stats(fitness: jax.Array) -> dict:
         fitness_min=jnp.min(jnp.where(finite, f, jnp.inf)),
         num_nonfinite=jnp.sum(~finite).astype(jnp.int32),
     )
+
+
+def population_diagnostics(fitness: jax.Array, weights: jax.Array, *, group_size: int,
+                           antithetic: bool) -> dict:
+    """The population fields of :class:`Metrics`: ``tie_fraction``, ``flat_group_fraction``, ``ess``, ``no_signal``.
+
+    Args:
+      fitness: ``float[N]`` or ``int[N]`` (non-finite floats count as the worst finite value, as in shaping; integer
+        fitness is compared as integers).
+      weights: the shaped pair weights ``float[P]`` that multiply the noise in the update (``P = N / 2`` with
+        antithetic sampling, else ``N``; the integer strategy's pair signs).
+      group_size, antithetic: the population's layout (see :class:`Metrics` for the groups).
+
+    Everything is a count or a sum in a fixed order, so a sharded generation reports the same bits as
+    :func:`step` (one sort of ``N`` values: ``O(N log N)``).
+    """
+    f = jnp.asarray(fitness)
+    if not jnp.issubdtype(f.dtype, jnp.integer):
+        f = shaping_lib.sanitize(f)[0]
+    n = f.shape[0]
+    s = jnp.sort(f)
+    same = s[1:] == s[:-1]                                     # sorted neighbours equal
+    false = jnp.zeros((1,), bool)
+    tied = jnp.concatenate([false, same]) | jnp.concatenate([same, false])
+    tie_fraction = jnp.sum(tied).astype(jnp.float32) / n
+    size = group_size if group_size > 1 else (2 if antithetic else n)
+    groups = f.reshape(n // size, size)
+    flat = jnp.all(groups == groups[:, :1], axis=1)
+    flat_group_fraction = jnp.sum(flat).astype(jnp.float32) / (n // size)
+    w = jnp.abs(jnp.asarray(weights, jnp.float32))
+    total, square = _ordered_sum(w), _ordered_sum(jax.lax.optimization_barrier(w * w))
+    zero = square == 0
+    ess = jnp.where(zero, 0.0, total * total / jnp.where(zero, 1.0, square)).astype(jnp.float32)
+    return dict(tie_fraction=tie_fraction, flat_group_fraction=flat_group_fraction, ess=ess,
+                no_signal=jnp.all(w == 0) | jnp.all(flat))
+
+
+def _ordered_sum(x: jax.Array) -> jax.Array:
+    """``float32[]``: the sum of ``x: float32[n]`` by halves in a fixed order (``x[:h] + x[h:]`` until one entry is
+    left, zeros padding to a power of two): elementwise additions only, so every program that compiles it gets
+    the same bits (XLA neither reorders them nor, behind the caller's barrier, fuses a product into them)."""
+    n = 1 << max(x.shape[0] - 1, 0).bit_length()
+    x = jnp.pad(x, (0, n - x.shape[0]))
+    while x.shape[0] > 1:
+        h = x.shape[0] // 2
+        x = x[:h] + x[h:]
+    return x[0]
+
+
+def update_norms(tree: Any, labels: list) -> dict:
+    """``update_norm_lowrank`` / ``update_norm_full``: the 2-norm of the leaves of ``tree`` (an update, params-shaped)
+    whose label (one per leaf, flattening order) is ``"lowrank"`` / ``"full"`` (``0.0`` when there is none)."""
+    def norm(kind):
+        parts = [jnp.sum(jnp.square(x.astype(jnp.float32)))
+                 for x, lab in zip(jax.tree_util.tree_leaves(tree), labels) if lab == kind]
+        return jnp.sqrt(sum(parts)) if parts else jnp.zeros((), jnp.float32)
+
+    return dict(update_norm_lowrank=norm(labels_lib.LOWRANK), update_norm_full=norm(labels_lib.FULL))
 
 
 def _global_norm(tree: Any) -> jax.Array:

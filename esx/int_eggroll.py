@@ -56,7 +56,7 @@ import numpy as np
 from esx import _members
 from esx import labels as labels_lib
 from esx import noise as noise_lib
-from esx.base import Metrics, State, Strategy, fitness_stats
+from esx.base import Metrics, State, Strategy, fitness_stats, population_diagnostics, update_norms
 from esx.int_ops import (  # noqa: F401  (re-exported: the integer ops' historical home)
     FRAC_BITS,
     IntFull,
@@ -168,7 +168,8 @@ class IntPopulation(NamedTuple):
 
 
 #: Per-generation metrics of :func:`int_eggroll`: every field of :class:`esx.Metrics` (same order; ``sigma`` is
-#: ``2^-sigma_shift``, ``grad_norm`` the norm of the vote tallies) plus ``alpha`` (the update threshold fraction),
+#: ``2^-sigma_shift``, ``grad_norm`` and ``update_norm_*`` the norms of the vote tallies, ``ess`` the number of decided
+#: pairs: the pair signs are the weights) plus ``alpha`` (the update threshold fraction),
 #: ``changed_fraction`` (weights that moved) and ``num_decided_pairs`` (pairs with unequal fitness).
 IntMetrics = NamedTuple("IntMetrics", [(name, jax.Array) for name in Metrics._fields]
                         + [("alpha", jax.Array), ("changed_fraction", jax.Array), ("num_decided_pairs", jax.Array)])
@@ -328,6 +329,8 @@ def _apply(cfg: IntConfig, perturbation: _members.Perturbation, thresholds: Call
         sigma=jnp.exp2(-state.sigma.astype(jnp.float32)),
         generation=state.generation,
         skipped=decided == 0,
+        **population_diagnostics(fitness, pair_signs(fitness), group_size=cfg.group_size, antithetic=True),
+        **update_norms(tallies, table.labels),
         alpha=cfg.alpha / (cfg.alpha_decay * gen_f + 1.0),
         changed_fraction=changed.astype(jnp.float32) / max(total, 1),
         num_decided_pairs=decided,

@@ -50,7 +50,9 @@ from esx.base import (  # noqa: F401  (re-exported: the interface's historical h
     _select,
     fitness_stats,
     paper_learning_rate,
+    population_diagnostics,
     step,
+    update_norms,
 )
 from esx.ops import Full, LowRank
 
@@ -197,12 +199,13 @@ def _pair_weights(cfg: Config, fitness: jax.Array) -> jax.Array:
 
 
 def _gradient(cfg: Config, perturbation: _members.Perturbation, members: _members.Members, state: State,
-              fitness: jax.Array, pairs: jax.Array | None) -> Any:
+              fitness: jax.Array, pairs: jax.Array | None, weights: jax.Array | None = None) -> Any:
     """The ES estimate ``g = 1/(Nσ) Σ_k w_k E_k`` (params-shaped), summed over ``pairs`` only if given; with
-    ``member_batch`` the sum runs chunk by chunk, each chunk's noise regenerated (:func:`esx._members.chunk_sum`)."""
+    ``member_batch`` the sum runs chunk by chunk, each chunk's noise regenerated (:func:`esx._members.chunk_sum`).
+    ``weights``: the pair weights of ``fitness`` when the caller has them (``tell``: shaped once)."""
     fitness = _check_fitness(cfg, fitness)
     table = perturbation.table_of(state.params)
-    all_weights = _pair_weights(cfg, fitness)
+    all_weights = _pair_weights(cfg, fitness) if weights is None else weights
     pairs = members.pairs(pairs)
     leaves = jax.tree_util.tree_leaves(state.params)
 
@@ -237,10 +240,12 @@ def _gradient(cfg: Config, perturbation: _members.Perturbation, members: _member
 
 
 def _apply(cfg: Config, perturbation: _members.Perturbation, state: State, grad_tree: Any,
-           fitness: jax.Array) -> tuple[State, Metrics]:
-    """Hands ``-g`` to the optimizer and advances the generation; ``fitness`` feeds the metrics. A step that makes
-    a parameter or the optimizer state non-finite (or a generation without finite fitness) is skipped."""
+           fitness: jax.Array, weights: jax.Array | None = None) -> tuple[State, Metrics]:
+    """Hands ``-g`` to the optimizer and advances the generation; ``fitness`` (and its pair ``weights``, shaped
+    here unless given) feed the metrics. A step that makes a parameter or the optimizer state non-finite (or a
+    generation without finite fitness) is skipped."""
     fitness = _check_fitness(cfg, fitness)
+    weights = _pair_weights(cfg, fitness) if weights is None else weights
     table = perturbation.table_of(state.params)
     _, finite = shaping_lib.sanitize(fitness)
     neg = jax.tree_util.tree_map(jnp.negative, grad_tree)
@@ -262,6 +267,8 @@ def _apply(cfg: Config, perturbation: _members.Perturbation, state: State, grad_
         sigma=state.sigma,
         generation=state.generation,
         skipped=~ok,
+        **population_diagnostics(fitness, weights, group_size=cfg.group_size, antithetic=cfg.antithetic),
+        **update_norms(grad_tree, table.labels),
     )
     new_state = state.replace(params=params, opt_state=opt_state, generation=generation,
                               sigma=jnp.asarray(new_sigma, jnp.float32))
@@ -320,6 +327,9 @@ def make_strategy(
         return _apply(cfg, perturbation, state, grad_tree, fitness)
 
     def tell(state: State, fitness: jax.Array) -> tuple[State, Metrics]:
-        return apply(state, gradient(state, fitness), fitness)
+        # apply(state, gradient(state, fitness), fitness), with the fitness shaped once for both halves
+        weights = _pair_weights(cfg, _check_fitness(cfg, fitness))
+        grads = _gradient(cfg, perturbation, members, state, fitness, None, weights)
+        return _apply(cfg, perturbation, state, grads, fitness, weights)
 
     return Strategy(cfg, init, ask, view, evaluate, tell, gradient, apply)

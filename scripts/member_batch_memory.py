@@ -4,8 +4,10 @@ A 2-layer MLP (256 -> 256 -> 256, float32, tanh), EGGROLL rank 1 with ``noise_so
 member (drawn inside the fitness from the member's key, so the data takes no memory of its own). Each (N,
 member_batch) runs in a fresh subprocess; it reports ``ru_maxrss`` (peak resident set size) after the imports and
 ``init`` (the baseline) and after compiling and running one ``esx.step``, and the step's wall time (compile
-included, then one more step without it), and XLA's own count of the step's temporary buffers
-(``memory_analysis().temp_size_in_bytes`` of the compiled step, read after the peak).
+included, then one more step without it), XLA's own count of the step's temporary buffers
+(``memory_analysis().temp_size_in_bytes`` of the compiled step, read after the peak), the step's whole buffer
+count (temporaries, arguments and outputs) and the peak predicted by ``esx.memory_estimate`` for that
+``member_batch`` (docs/hyperscale.md, "Memory model").
 
     python scripts/member_batch_memory.py                  # N = 2^12, 2^14, 2^16; K = none and 4096
     python scripts/member_batch_memory.py --log2n 12 14 16 18 --batch 4096
@@ -51,8 +53,14 @@ jax.block_until_ready(state)
 second = time.perf_counter() - t
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 compiled = esx.step.lower(strategy, state, fitness, jax.random.key(3)).compile()   # after the peak was read
-temp = compiled.memory_analysis().temp_size_in_bytes
+m = compiled.memory_analysis()
+temp = m.temp_size_in_bytes
+step_bytes = temp + m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+estimate = esx.memory_estimate(strategy, state, fitness, jax.random.key(3))      # the memory model's prediction
 print(json.dumps(dict(n=n, k=k, base_kib=base, peak_kib=peak, first_s=first, second_s=second, temp_bytes=temp,
+                      step_bytes=step_bytes, estimate_bytes=estimate.peak_bytes(k),
+                      eval_bytes_per_member=estimate.eval_bytes_per_member,
+                      update_bytes_per_member=estimate.update_bytes_per_member,
                       fitness_mean=float(metrics.fitness_mean))))
 """
 
@@ -76,7 +84,8 @@ def main(argv=None) -> int:
           f" ({os.cpu_count()} cores)")
     rows = []
     header = (f"| {'N':>7} | {'member_batch':>12} | {'peak RSS MiB':>12} | {'above baseline MiB':>18} "
-              f"| {'XLA temp MiB':>12} | {'first step s':>12} | {'next step s':>11} |")
+              f"| {'XLA temp MiB':>12} | {'XLA step MiB':>12} | {'estimate MiB':>12} | {'first step s':>12} "
+              f"| {'next step s':>11} |")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for log2n in args.log2n:
@@ -94,6 +103,7 @@ def main(argv=None) -> int:
                 continue
             print(f"| {n:>7} | {kk:>12} | {row['peak_kib'] / 1024:>12.0f} | "
                   f"{(row['peak_kib'] - row['base_kib']) / 1024:>18.0f} | {row['temp_bytes'] / 2**20:>12.1f} | "
+                  f"{row['step_bytes'] / 2**20:>12.1f} | {row['estimate_bytes'] / 2**20:>12.1f} | "
                   f"{row['first_s']:>12.2f} | "
                   f"{row['second_s']:>11.2f} |", flush=True)
     print(f"# load average at end: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")

@@ -151,7 +151,8 @@ SHAPING_NAMES = sorted([*esx.shaping.SHAPINGS, "group_z_score"])
 MATRIX = ([(f"{s}-{sh}", "gather") for s in ("eggroll", "open_es") for sh in SHAPING_NAMES]
           + [("int_eggroll-pair_signs", p) for p in dist.PLACEMENTS])
 #: metrics computed with float reductions in esx.base (not order-pinned): guaranteed to rounding only
-ROUNDED_METRICS = {"fitness_mean", "fitness_std", "fitness_max", "fitness_min", "grad_norm", "alpha"}
+ROUNDED_METRICS = {"fitness_mean", "fitness_std", "fitness_max", "fitness_min", "grad_norm", "update_norm_lowrank",
+                   "update_norm_full", "alpha"}
 #: a fitness that depends on the member batch size, made bit-identical by member_batch (when esx has it)
 MEMBER_BATCH = "eggroll_dense_member_batch_4-z_score"
 

@@ -18,11 +18,12 @@ import jax.numpy as jnp
 
 from esx import int_eggroll as ie
 from esx.noise import stream_key
-from esx.run import ConfigError, RunConfig, RunState, Setup, core_config, eval_key, host_chunk
-from esx.run.config import check_positive
+from esx.run import ConfigError, MemoryPlan, RunConfig, RunState, Setup, choose_member_batch, core_config, eval_key, \
+    host_chunk
+from esx.run.config import check_member_batch, check_positive
 from esx_envs.egg import text_data
 from esx_envs.egg.model import LL_FRAC, EggConfig, bits_per_byte, init_params, initial_hidden, labels, \
-    make_generation, sample
+    make_fitness, make_generation, sample
 
 #: bits/byte of simple models of the shipped tinyshakespeare validation split (drawn in the learning curve).
 SHAKESPEARE_REFERENCES = (("unigram 4.83", 4.83), ("bigram 3.59", 3.59))
@@ -88,6 +89,7 @@ class EggRunConfig(RunConfig):
         if dim < 4 or dim & (dim - 1) or (dim.bit_length() - 1) % 2 or self.layers < 1:
             raise ConfigError(f"dim={dim}, layers={self.layers}; dim must be a power of 4 (16, 64, 256, ...) and "
                               "layers >= 1")
+        check_member_batch(self, self.population_size)
 
     def summary(self) -> str:
         return (f"EGG int8 D={self.dim} L={self.layers} on {self.data or 'tinyshakespeare'}, integer EGGROLL "
@@ -102,7 +104,8 @@ class EggRunConfig(RunConfig):
 
 def egg_setup(config: EggRunConfig) -> Setup:
     """The :class:`esx.run.Setup` of an :class:`EggRunConfig`."""
-    strategy, ecfg, split, streams, step = _parts(core_config(config))
+    plan = _member_batch(config)
+    strategy, ecfg, split, streams, step = _parts(core_config(config), plan.member_batch)
     groups, b = config.population_size // config.group_size, config.streams_per_member
 
     def initial_state():
@@ -133,16 +136,37 @@ def egg_setup(config: EggRunConfig) -> Setup:
     return Setup(config, strategy, host_chunk(generation), initial_state, evaluate, score="valid_bpb",
                  higher_is_better=False, target=config.target_bpb, fitness_name="fitness", train_extra=train_extra,
                  plot_keys=("train_bpb",), ylabel="bits per byte",
-                 references=SHAKESPEARE_REFERENCES if not config.data else ())
+                 references=SHAKESPEARE_REFERENCES if not config.data else (), memory=plan)
+
+
+def _member_batch(config: EggRunConfig) -> MemoryPlan:
+    """The :class:`esx.run.MemoryPlan` of ``config.member_batch`` (``"auto"``: the generation of
+    :func:`esx_envs.egg.model.make_generation` estimated from shapes: per-member streams and hidden states)."""
+    if config.member_batch != "auto":
+        return MemoryPlan(config.member_batch)
+    ecfg = EggConfig(dim=config.dim, layers=config.layers)
+    shapes = jax.eval_shape(lambda: init_params(jax.random.key(0), ecfg))
+    strategy = ie.int_eggroll(population_size=config.population_size, sigma_shift=config.sigma_shift,
+                              alpha=config.alpha, alpha_decay=config.alpha_decay, group_size=config.group_size,
+                              labels=labels(shapes))
+    run_key = jax.random.key(config.seed)
+    state = jax.eval_shape(strategy.init, stream_key(run_key, "noise"), shapes)
+    n, b, t = config.population_size, config.streams_per_member, config.length
+    data = {"tokens": jax.ShapeDtypeStruct((n, b, t + 1), jnp.int32),
+            "resets": jax.ShapeDtypeStruct((n, b, t), jnp.bool_),
+            "hidden": jax.ShapeDtypeStruct(initial_hidden(n, b, ecfg).shape, jnp.int8)}
+    return choose_member_batch(config, strategy, state, make_fitness(ecfg), stream_key(run_key, "noise"), data,
+                               data_per_member=True, has_aux=True)
 
 
 @functools.lru_cache(maxsize=4)
-def _parts(core: EggRunConfig):
+def _parts(core: EggRunConfig, member_batch: int | None = None):
     ecfg = EggConfig(dim=core.dim, layers=core.layers)
     split = text_data.load_split(core.data or None)
     shapes = jax.eval_shape(lambda: init_params(jax.random.key(0), ecfg))
     strategy = ie.int_eggroll(population_size=core.population_size, sigma_shift=core.sigma_shift, alpha=core.alpha,
-                              alpha_decay=core.alpha_decay, group_size=core.group_size, labels=labels(shapes))
+                              alpha_decay=core.alpha_decay, group_size=core.group_size, labels=labels(shapes),
+                              member_batch=member_batch)
     groups = core.population_size // core.group_size
     streams = text_data.Streams(split.train, split.train_starts, num_streams=groups * core.streams_per_member,
                                 length=core.length, seed=core.seed)

@@ -7,7 +7,7 @@ import difflib
 from typing import ClassVar
 
 from esx.run import ConfigError, RunConfig, Setup
-from esx.run.config import check_positive
+from esx.run.config import check_member_batch, check_positive
 from esx_envs.llm import tasks as tasks_lib
 
 #: the built-in tasks (``"rg:<name>"`` names a reasoning-gym dataset).
@@ -99,6 +99,7 @@ class LLMConfig(RunConfig):
         if not self.sigma > 0 or not self.learning_rate > 0 or self.temperature < 0:
             raise ConfigError(f"sigma={self.sigma}, learning_rate={self.learning_rate}, temperature="
                               f"{self.temperature}; need sigma > 0, learning_rate > 0, temperature >= 0")
+        check_member_batch(self, self.population_size)
 
     @property
     def system(self) -> str | None:

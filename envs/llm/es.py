@@ -132,12 +132,13 @@ class ESTrainer:
       ``data`` at ``g``: see :func:`esx.noise.stream_key`);
       ``prompt_length``: pad prompts to this many tokens (default: the first batch's longest, rounded up to 16;
       it grows, with a recompile, if a later prompt is longer); ``init_state=False``: do not build :attr:`state`
-      (the caller keeps its own, e.g. the runner task of :mod:`esx_envs.llm.task`).
+      (the caller keeps its own, e.g. the runner task of :mod:`esx_envs.llm.task`); ``member_batch``: the
+      strategy's (docs/hyperscale.md; default: ``config.member_batch`` when it is an integer, else ``None``).
     """
 
     def __init__(self, *, cfg: model_lib.LlamaConfig, params: Any, tokenizer, task, config: LLMConfig,
                  reward_fn: RewardFn | None = None, seed: int = 0, prompt_length: int | None = None,
-                 init_state: bool = True):
+                 init_state: bool = True, member_batch: int | None = None):
         self.cfg, self.tokenizer, self.task, self.config = cfg, tokenizer, task, config
         self.reward_fn = reward_fn or default_reward(task, format_weight=config.format_weight)
         self.seed = int(seed)
@@ -145,13 +146,15 @@ class ESTrainer:
             max_new_tokens=config.max_new_tokens, stop_ids=tuple(tokenizer.stop_ids),
             stop_sequences=tokenizer.stop_sequences([tasks_lib.ANSWER_STOP]), pad_id=tokenizer.pad_id)
         opt = optax.sgd(config.learning_rate) if config.optimizer == "sgd" else optax.adam(config.learning_rate)
+        if member_batch is None and isinstance(config.member_batch, int):
+            member_batch = config.member_batch
         self.strategy = esx.eggroll(
             population_size=config.population_size, sigma=config.sigma, optimizer=opt, rank=config.rank,
             group_size=config.group_size, shaping="group_z_score",
-            labels=model_lib.labels(cfg, freeze_embeddings=config.freeze_embeddings))
+            labels=model_lib.labels(cfg, freeze_embeddings=config.freeze_embeddings), member_batch=member_batch)
         self.state = self.strategy.init(stream_key(jax.random.key(seed), "noise"), params) if init_state else None
         self.n_groups = config.population_size // config.group_size
-        fitness = make_rollout_fitness(cfg, self.options, temperature=config.temperature)
+        fitness = self.fitness = make_rollout_fitness(cfg, self.options, temperature=config.temperature)
         strategy = self.strategy
 
         def rollout(state, ids, mask, key):
@@ -186,7 +189,8 @@ class ESTrainer:
     def run_generation(self, state: esx.State, generation: int) -> tuple[esx.State, dict]:
         """One generation from ``state`` (pure in ``state`` and ``generation``: problems and noise keys derive from
         the seed and ``generation``). Returns the new state and metrics: ``rewards`` ``float32[N]`` (each member's
-        fitness), ``reward`` (mean), ``score`` (mean task score), ``format``, ``fitness_std``, ``grad_norm``,
+        fitness), ``reward`` (mean), ``score`` (mean task score), ``format``, ``fitness_std``, ``grad_norm``, the
+        population diagnostics of :class:`esx.Metrics` (``tie_fraction``, ``flat_group_fraction``, ...),
         ``sigma``, ``seconds``, ``tokens`` (generated this generation), ``sample`` (member 0's first text)."""
         c = self.config
         t0 = time.perf_counter()
@@ -213,6 +217,7 @@ class ESTrainer:
         return state, {"rewards": fitness, "reward": float(fitness.mean()), "score": float(scores.mean()),
                        "format": float(fmts.mean()), "fitness_std": float(metrics.fitness_std),
                        "grad_norm": float(metrics.grad_norm), "sigma": float(metrics.sigma),
+                       **{k: np.asarray(getattr(metrics, k)).item() for k in esx.base.DIAGNOSTICS},
                        "tokens": int(lengths.sum()), "seconds": time.perf_counter() - t0, "sample": texts[0]}
 
     def step(self) -> dict:

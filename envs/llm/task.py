@@ -20,13 +20,15 @@ import jax
 import jax.numpy as jnp
 
 from esx.noise import stream_key
-from esx.run import RunState, Setup, core_config, host_chunk
+from esx.base import DIAGNOSTICS
+from esx.run import MemoryPlan, RunState, Setup, choose_member_batch, core_config, host_chunk
 from esx_envs.llm import es, fetch, loader, model, tasks, tokenizer
 from esx_envs.llm.config import LLMConfig
 
 
 class LLMMetrics(NamedTuple):
-    """Per-generation numbers (the :class:`esx.Metrics` fields the runner logs, plus the task's)."""
+    """Per-generation numbers (the :class:`esx.Metrics` fields the runner logs, plus the task's, then the
+    population diagnostics)."""
 
     fitness_mean: Any
     fitness_std: Any
@@ -39,6 +41,12 @@ class LLMMetrics(NamedTuple):
     format: Any
     tokens: Any
     seconds: Any
+    tie_fraction: Any
+    flat_group_fraction: Any
+    ess: Any
+    update_norm_lowrank: Any
+    update_norm_full: Any
+    no_signal: Any
 
 
 def load_model(name: str, dtype=jnp.float32):
@@ -69,20 +77,42 @@ def validation_problems(task, seed: int, n: int) -> list:
 
 
 @functools.lru_cache(maxsize=2)
-def _parts(core: LLMConfig):
+def _model(core: LLMConfig):
     dtype = jnp.bfloat16 if core.dtype == "bfloat16" else jnp.float32
     cfg, params, tok = load_model(core.model, dtype)
     task = make_task(core)
     probe = task.sample(random.Random(core.seed + 77_777), 256)
     need = max(len(tok.encode(tasks.make_prompt(p.question, system=core.system))) for p in probe)
+    return cfg, params, tok, task, es.round_up(need + 8)
+
+
+@functools.lru_cache(maxsize=2)
+def _parts(core: LLMConfig, member_batch: int | None = None):
+    cfg, params, tok, task, prompt_length = _model(core)
     trainer = es.ESTrainer(cfg=cfg, params=params, tokenizer=tok, task=task, config=core, seed=core.seed,
-                           prompt_length=es.round_up(need + 8), init_state=False)
+                           prompt_length=prompt_length, init_state=False, member_batch=member_batch)
     return cfg, params, tok, task, trainer
+
+
+def _member_batch(config: LLMConfig) -> MemoryPlan:
+    """The :class:`esx.run.MemoryPlan` of ``config.member_batch`` (``"auto"``: the rollout of every member on its
+    group's prompts, padded to the run's prompt length, and the update, estimated from shapes)."""
+    if config.member_batch != "auto":
+        return MemoryPlan(config.member_batch)
+    core = core_config(config)
+    _, params, _, _, trainer = _parts(core)
+    run_key = jax.random.key(config.seed)
+    state = jax.eval_shape(trainer.strategy.init, stream_key(run_key, "noise"), params)
+    shape = (trainer.n_groups, config.prompts_per_member, trainer._prompt_length)
+    data = (jax.ShapeDtypeStruct(shape, jnp.int32), jax.ShapeDtypeStruct(shape, jnp.bool_))
+    return choose_member_batch(config, trainer.strategy, state, trainer.fitness, stream_key(run_key, "data", 0),
+                               data, data_per_group=True, has_aux=True)
 
 
 def llm_setup(config: LLMConfig) -> Setup:
     """The :class:`esx.run.Setup` of an :class:`~esx_envs.llm.config.LLMConfig`."""
-    cfg, params, tok, task, trainer = _parts(core_config(config))
+    plan = _member_batch(config)
+    cfg, params, tok, task, trainer = _parts(core_config(config), plan.member_batch)
     val = validation_problems(task, config.seed, config.val_size)
 
     def initial_state():
@@ -94,7 +124,8 @@ def llm_setup(config: LLMConfig) -> Setup:
         es_state, m = trainer.run_generation(state.es, g)
         r = m["rewards"]
         metrics = LLMMetrics(float(r.mean()), m["fitness_std"], float(r.max()), float(r.min()), m["grad_norm"],
-                             m["sigma"], g, m["score"], m["format"], m["tokens"], m["seconds"])
+                             m["sigma"], g, m["score"], m["format"], m["tokens"], m["seconds"],
+                             *(m[k] for k in DIAGNOSTICS))
         return RunState(es_state, None, state.key), metrics
 
     def evaluate(state, final: bool):
@@ -111,7 +142,7 @@ def llm_setup(config: LLMConfig) -> Setup:
     return Setup(config, trainer.strategy, host_chunk(generation), initial_state, evaluate,
                  score="val_accuracy", higher_is_better=True, target=config.target_accuracy,
                  fitness_name="reward", train_extra=train_extra, plot_keys=("reward_mean", "score"),
-                 ylabel="reward / accuracy")
+                 ylabel="reward / accuracy", memory=plan)
 
 
 __all__ = ["LLMMetrics", "llm_setup", "load_model", "make_task", "validation_problems"]

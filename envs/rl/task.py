@@ -19,8 +19,9 @@ import optax
 
 import esx
 from esx.noise import stream_key
-from esx.run import ConfigError, RunConfig, RunState, Setup, chunk_capacity, core_config, device_chunk, eval_key
-from esx.run.config import check_positive
+from esx.run import ConfigError, MemoryPlan, RunConfig, RunState, Setup, choose_member_batch, chunk_capacity, \
+    core_config, device_chunk, eval_key
+from esx.run.config import check_member_batch, check_positive
 from esx_envs.rl.adapters import make_adapter
 from esx_envs.rl.policy import Policy
 from esx_envs.rl.rollout import ObsStats, make_evaluator, make_fitness, update_obs_stats
@@ -104,6 +105,7 @@ class RLConfig(RunConfig):
             raise ConfigError(f"devices={self.devices}; must be >= 1, or 0 for all devices")
         if not self.sigma > 0 or not self.learning_rate > 0:
             raise ConfigError(f"sigma={self.sigma}, learning_rate={self.learning_rate}; both must be > 0")
+        check_member_batch(self, self.population_size)
 
     def summary(self) -> str:
         return (f"{self.env}, {self.strategy} N={self.population_size} r={self.rank} σ={self.sigma} "
@@ -142,8 +144,10 @@ def num_devices(config: RLConfig) -> int:
 def rl_setup(config: RLConfig) -> Setup:
     """The :class:`esx.run.Setup` of an :class:`RLConfig`."""
     core = core_config(config)
-    adapter, policy, strategy, fitness, run_chunk = _build(core, num_devices(config), config.placement,
-                                                           chunk_capacity(config))
+    devices = num_devices(config)
+    plan = _member_batch(config, core, devices)
+    adapter, policy, strategy, fitness, run_chunk = _build(core, devices, config.placement, chunk_capacity(config),
+                                                           plan.member_batch)
     evaluator = _evaluator(core, config.eval_episodes)
     final_evaluator = _evaluator(core, config.final_eval_episodes)
 
@@ -165,7 +169,23 @@ def rl_setup(config: RLConfig) -> Setup:
                  higher_is_better=True, eval_at_start=False, target=config.target_return, fitness_name="return",
                  plot_keys=("return_mean", "return_max"), ylabel="episode return",
                  summary_extra={"final_eval_episodes": config.final_eval_episodes},
-                 parts=RLParts(adapter, policy, fitness, evaluator, final_evaluator))
+                 parts=RLParts(adapter, policy, fitness, evaluator, final_evaluator), memory=plan)
+
+
+def _member_batch(config: RLConfig, core: RLConfig, devices: int):
+    """The :class:`esx.run.MemoryPlan` of ``config.member_batch`` (``"auto"``: estimated on one device for the
+    whole population, among the batches that split every device's share of pairs)."""
+    if config.member_batch != "auto":
+        return MemoryPlan(config.member_batch)
+    adapter, policy, strategy, fitness, _ = _build(core, 1, "gather", 1, None)
+    run_key = jax.random.key(config.seed)
+    params = jax.eval_shape(policy.init, stream_key(run_key, "params"))
+    state = jax.eval_shape(strategy.init, stream_key(run_key, "noise"), params)
+    share = config.population_size // 2 // devices
+    choices = [k for k in range(2, config.population_size + 1, 2)
+               if config.population_size % k == 0 and (k // 2 >= share or share % (k // 2) == 0)]
+    return choose_member_batch(config, strategy, state, fitness, stream_key(run_key, "data", 0),
+                               ObsStats.create(adapter.observation_shape), choices=choices, has_aux=True)
 
 
 def final_eval_key(state: RunState) -> jax.Array:
@@ -188,11 +208,12 @@ def _pieces(core: RLConfig):
 
 
 @functools.lru_cache(maxsize=8)
-def _build(config: RLConfig, devices: int = 1, placement: str = "gather", capacity: int = 10):
+def _build(config: RLConfig, devices: int = 1, placement: str = "gather", capacity: int = 10,
+           member_batch: int | None = None):
     adapter, policy = _pieces(config)
     optimizer = optax.sgd(config.learning_rate) if config.optimizer == "sgd" else optax.adam(config.learning_rate)
     common = dict(population_size=config.population_size, sigma=config.sigma, optimizer=optimizer,
-                  shaping=config.shaping, group_size=2 if config.share_env_seed else 1)
+                  shaping=config.shaping, group_size=2 if config.share_env_seed else 1, member_batch=member_batch)
     if config.strategy == "eggroll":
         strategy = esx.eggroll(rank=config.rank, **common)
     else:

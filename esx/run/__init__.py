@@ -21,11 +21,12 @@ from esx.run.checkpoint import FORMAT_VERSION, CheckpointError, list_checkpoints
 from esx.run.config import ConfigError, RunConfig, apply_overrides, core_config, to_dict
 from esx.run.loop import Result, evaluate_run_summary, load_run, train
 from esx.run.records import plot_learning_curve, read_metrics
-from esx.run.task import ENTRY_POINT_GROUP, RunState, Setup, chunk_capacity, config_from_dict, data_key, \
-    device_chunk, eval_key, fitness_task, host_chunk, make_setup, task_class, task_classes
+from esx.run.task import ENTRY_POINT_GROUP, MemoryPlan, RunState, Setup, choose_member_batch, chunk_capacity, \
+    config_from_dict, data_key, device_chunk, eval_key, fitness_task, host_chunk, make_setup, task_class, task_classes
 
-__all__ = ["ENTRY_POINT_GROUP", "FORMAT_VERSION", "CheckpointError", "ConfigError", "Result", "RunConfig",
-           "RunState", "Setup", "apply_overrides", "chunk_capacity", "config_from_dict", "core_config", "data_key",
-           "device_chunk", "eval_key", "evaluate_run_summary", "fitness_task", "host_chunk", "list_checkpoints",
-           "load_checkpoint", "load_run", "make_setup", "plot_learning_curve", "read_metrics", "restore_run",
-           "save_checkpoint", "task_class", "task_classes", "to_dict", "train"]
+__all__ = ["ENTRY_POINT_GROUP", "FORMAT_VERSION", "CheckpointError", "ConfigError", "MemoryPlan", "Result",
+           "RunConfig", "RunState", "Setup", "apply_overrides", "choose_member_batch", "chunk_capacity",
+           "config_from_dict", "core_config", "data_key", "device_chunk", "eval_key", "evaluate_run_summary",
+           "fitness_task", "host_chunk", "list_checkpoints", "load_checkpoint", "load_run", "make_setup",
+           "plot_learning_curve", "read_metrics", "restore_run", "save_checkpoint", "task_class", "task_classes",
+           "to_dict", "train"]

@@ -1,7 +1,8 @@
 """The run config base class: run-control fields, validation, ``field=value`` overrides, JSON round trip.
 
 Every job's config is a frozen dataclass that subclasses :class:`RunConfig`. The base holds the fields the runner
-itself reads (``name, seed, generations, eval_every, chunk, checkpoint_every, minutes``); a task adds its own
+itself reads (``name, seed, generations, eval_every, chunk, checkpoint_every, minutes``) and the member batching
+every task passes to its strategy (``member_batch``, ``memory_budget``: docs/hyperscale.md); a task adds its own
 fields (a subclass may change a base field's default by declaring it again) and checks them in ``validate``,
 which runs when the config is constructed, so a config that exists is valid::
 
@@ -17,12 +18,16 @@ which runs when the config is constructed, so a config that exists is valid::
 
 ``to_dict`` / :meth:`RunConfig.from_dict` write and read ``{"kind": KIND, **fields}`` (what ``config.json`` and
 every checkpoint store). Values given as text (``esx train cartpole sigma=0.1``) are parsed by the field's type:
-``int``, ``float``, ``bool`` (``true/false/1/0/yes/no/on/off``), ``str``; optional fields also take ``none``.
+``int``, ``float``, ``bool`` (``true/false/1/0/yes/no/on/off``), ``str``; optional fields also take ``none``; a
+field of several types (``member_batch: int | str | None``) takes the first that parses (``8`` an int, ``auto`` a
+string).
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import re
 import types
 import typing
 from typing import Any, ClassVar
@@ -45,13 +50,21 @@ class RunConfig:
       chunk: generations per call of the task's ``run_chunk`` (logging happens between chunks).
       checkpoint_every: generations between checkpoints (``0``: only at the end, on Ctrl-C and on a time limit).
       minutes: stop this invocation after this many minutes (``0``: no limit); ``resume`` continues exactly.
+      member_batch: evaluate and contract the population this many members at a time (docs/hyperscale.md):
+        ``None`` (default: all at once), a positive integer dividing ``population_size`` (even with antithetic
+        sampling), or ``"auto"``: the largest such value whose predicted peak (:func:`esx.memory_estimate`) fits
+        ``memory_budget`` (``None`` when everything fits); the runner prints the estimate at the start and writes
+        it to ``summary.json``.
+      memory_budget: the bytes ``member_batch="auto"`` may plan for: an integer, or text such as ``"2GiB"``,
+        ``"512MB"``, ``"1.5G"``; ``None`` (default): :func:`default_memory_budget` (half of the memory available).
     """
 
     #: the job kind stored in ``config.json`` (a task's registered name; see :mod:`esx.run.task`).
     KIND: ClassVar[str] = "custom"
-    #: fields that may differ when a run is resumed (they do not change the training trajectory).
+    #: fields that may differ when a run is resumed (they do not change the training trajectory, or, for
+    #: ``member_batch``, change the update only by float summation order: docs/hyperscale.md).
     RUN_CONTROL: ClassVar[frozenset] = frozenset({"generations", "eval_every", "chunk", "checkpoint_every",
-                                                  "minutes"})
+                                                  "minutes", "member_batch", "memory_budget"})
 
     name: str = "custom"
     seed: int = 0
@@ -60,6 +73,8 @@ class RunConfig:
     chunk: int = 10
     checkpoint_every: int = 50
     minutes: float = 0.0
+    member_batch: int | str | None = None
+    memory_budget: int | str | None = None
 
     def __post_init__(self):
         self.validate()
@@ -70,6 +85,19 @@ class RunConfig:
         if self.checkpoint_every < 0 or self.minutes < 0:
             raise ConfigError(f"checkpoint_every={self.checkpoint_every}, minutes={self.minutes}; "
                               "both must be >= 0")
+        mb = self.member_batch
+        if not (mb is None or mb == "auto" or (isinstance(mb, int) and not isinstance(mb, bool) and mb >= 1)):
+            raise ConfigError(f"member_batch={mb!r}; valid values: none (every member at once), 'auto' (the largest "
+                              "that fits memory_budget) or a positive integer that divides population_size")
+        if self.memory_budget is not None:
+            parse_bytes(self.memory_budget, "memory_budget")
+
+    @property
+    def memory_budget_bytes(self) -> int:
+        """``memory_budget`` in bytes (:func:`default_memory_budget` when it is ``None``)."""
+        if self.memory_budget is None:
+            return default_memory_budget()
+        return parse_bytes(self.memory_budget, "memory_budget")
 
     def summary(self) -> str:
         """One line for the progress output (tasks override it)."""
@@ -100,6 +128,72 @@ class RunConfig:
         return cls.RUN_CONTROL
 
 
+def check_member_batch(config, population_size: int, antithetic: bool = True) -> None:
+    """Raises :class:`ConfigError` unless ``config.member_batch`` is ``None``, ``"auto"`` or a valid batch of
+    ``population_size`` (a divisor, even with antithetic sampling; the message lists the valid values)."""
+    from esx import _members
+
+    if config.member_batch in (None, "auto"):
+        return
+    try:
+        _members.check_member_batch(config.member_batch, population_size, antithetic)
+    except ValueError as e:
+        raise ConfigError(f"{e} (or 'auto': the largest that fits memory_budget)") from None
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_bytes(value: int | str, name: str = "bytes") -> int:
+    """A number of bytes from an integer or text: ``"2GiB"``, ``"512 MiB"``, ``"1.5GB"``, ``"800M"``, ``"4096"``
+    (``K/M/G/T`` and ``KB/MB/GB/TB`` are powers of 1000, ``KiB/MiB/GiB/TiB`` of 1024). Raises :class:`ConfigError`
+    unless the result is a positive number of bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
+        if m is None or m.group(2).lower() not in _UNITS:
+            raise ConfigError(f"{name}={value!r}; expected a number of bytes such as 2GiB, 512MB or 1000000 "
+                              f"(units: {', '.join(u for u in ('KB', 'MB', 'GB', 'TB', 'KiB', 'MiB', 'GiB', 'TiB'))})")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n < 1:
+        raise ConfigError(f"{name}={value!r}; must be a positive number of bytes")
+    return n
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now: an accelerator's allocator limit (``memory_stats()["bytes_limit"]`` of the
+    first device) when the backend reports one, else the host's ``MemAvailable`` (``/proc/meminfo``), else
+    ``os.sysconf`` free pages; ``None`` when nothing says."""
+    try:
+        import jax
+
+        stats = jax.devices()[0].memory_stats() or {}
+        if stats.get("bytes_limit"):
+            return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    except Exception:   # a backend without memory_stats
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def default_memory_budget() -> int:
+    """The default ``memory_budget``: half of :func:`available_memory` (the rest for the Python process, the data
+    outside the step, other programs and XLA's own overhead); 1 GiB when nothing reports it."""
+    avail = available_memory()
+    return max(avail // 2, 1) if avail else 1 << 30
+
+
 def check_positive(config, names) -> None:
     """Raises :class:`ConfigError` unless every field in ``names`` is ``>= 1``."""
     for name in names:
@@ -127,28 +221,36 @@ def core_config(config):
 def parse_value(cls: type, field: dataclasses.Field, text: str) -> Any:
     """``text`` parsed by the type of ``field`` of config class ``cls``; raises :class:`ConfigError`."""
     tp = typing.get_type_hints(cls)[field.name]
+    types_ = [tp]
     optional = False
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        optional, tp = True, args[0]
+        types_ = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = len(types_) < len(typing.get_args(tp))
     if optional and text.lower() in ("none", "null"):
         return None
-    try:
-        if tp is bool:
-            low = text.lower()
-            if low in ("true", "1", "yes", "on"):
-                return True
-            if low in ("false", "0", "no", "off"):
-                return False
-            raise ValueError(text)
-        if tp is int:
-            return int(text)
-        if tp is float:
-            return float(text)
-        return str(text)
-    except ValueError:
-        extra = " or none" if optional else ""
-        raise ConfigError(f"bad value {text!r} for field {field.name!r}: expected {tp.__name__}{extra}") from None
+    for tp in types_:
+        try:
+            return _parse_one(tp, text)
+        except ValueError:
+            continue
+    extra = " or none" if optional else ""
+    names = " or ".join(t.__name__ for t in types_)
+    raise ConfigError(f"bad value {text!r} for field {field.name!r}: expected {names}{extra}") from None
+
+
+def _parse_one(tp: type, text: str) -> Any:
+    if tp is bool:
+        low = text.lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(text)
+    if tp is int:
+        return int(text)
+    if tp is float:
+        return float(text)
+    return str(text)
 
 
 def apply_overrides(config, overrides: list[str] | dict[str, Any]):
@@ -181,5 +283,5 @@ def apply_overrides(config, overrides: list[str] | dict[str, Any]):
         raise ConfigError(f"bad override {changes}: {e}") from None
 
 
-__all__ = ["ConfigError", "RunConfig", "apply_overrides", "check_positive", "core_config", "field_names",
-           "parse_value", "to_dict"]
+__all__ = ["ConfigError", "RunConfig", "apply_overrides", "available_memory", "check_member_batch", "check_positive",
+           "core_config", "default_memory_budget", "field_names", "parse_bytes", "parse_value", "to_dict"]

@@ -32,6 +32,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from esx.base import DIAGNOSTICS
 from esx.run import records as records_lib
 from esx.run.checkpoint import CheckpointError, restore_run, save_checkpoint
 from esx.run.config import to_dict
@@ -74,12 +75,16 @@ class Result:
 
 def _train_records(setup: Setup, m, n: int, now: float) -> list[dict]:
     name = setup.fitness_name
+    diagnostics = [k for k in DIAGNOSTICS if hasattr(m, k)]
     out = []
     for i in range(n):
         rec = {"kind": "train", "generation": int(m.generation[i]) + 1,
                f"{name}_mean": float(m.fitness_mean[i]), f"{name}_max": float(m.fitness_max[i]),
                f"{name}_min": float(m.fitness_min[i]), f"{name}_std": float(m.fitness_std[i]),
                "grad_norm": float(m.grad_norm[i]), "sigma": float(m.sigma[i])}
+        for k in diagnostics:   # the population diagnostics of esx.Metrics (docs/hyperscale.md)
+            v = np.asarray(getattr(m, k)[i])
+            rec[k] = bool(v) if v.dtype == bool else float(v)
         if setup.train_extra is not None:
             rec.update(setup.train_extra(m, i))
         rec["wall_time"] = now
@@ -142,6 +147,9 @@ def train(task, run_dir: str | os.PathLike | None = None, *, resume: bool = Fals
     records: list[dict] = []
     state, run_id = _open_run(setup, run_path, resume, log)
     board = records_lib.TensorBoard(run_path, state.generation + 1) if tensorboard else None
+    memory = setup.memory.summary() if setup.memory is not None else {"member_batch": setup.member_batch}
+    if setup.memory is not None and setup.memory.describe():
+        log(setup.memory.describe())
 
     def emit(record: dict) -> None:
         records.append(record)
@@ -199,6 +207,9 @@ def train(task, run_dir: str | os.PathLike | None = None, *, resume: bool = Fals
                 post = {"best": f"{best:.4g}", "mean": f"{float(m.fitness_mean[-1]):.4g}"}
                 if last_eval is not None:
                     post[setup.score] = f"{last_eval:.4g}"
+                flag = _no_signal_flag(m, n)
+                if flag:
+                    post["flag"] = flag
                 bar.set_postfix(post, refresh=False)
                 bar.update(n)
             if callback is not None:
@@ -233,7 +244,7 @@ def train(task, run_dir: str | os.PathLike | None = None, *, resume: bool = Fals
     wall = time.perf_counter() - t_start
     if run_path is not None:
         _write_summary(run_path, setup, state, final, final_score, reached, time_to_target, wall, interrupted,
-                       out_of_time, plot_x)
+                       out_of_time, plot_x, memory)
     return Result(state, run_path, final, final_score, final_values, reached, time_to_target, wall, interrupted,
                   out_of_time, records)
 
@@ -265,13 +276,25 @@ def _open_run(setup: Setup, run_path: Path | None, resume: bool, log: Callable[[
     return state, run_id
 
 
+def _no_signal_flag(m, n: int) -> str:
+    """The progress bar's flag for a chunk of ``n`` generations: ``"no signal"`` when the last generation carried
+    none (``metrics.no_signal``), with the count when others of the chunk did too (``"no signal (3/10)"``)."""
+    if not hasattr(m, "no_signal"):
+        return ""
+    flags = np.asarray(m.no_signal[:n]).astype(bool)
+    if not flags.any():
+        return ""
+    return "no signal" if n == 1 or flags.sum() == 1 and flags[-1] else f"no signal ({int(flags.sum())}/{n})"
+
+
 def _write_summary(run_path: Path, setup: Setup, state: RunState, final: dict, final_score: float, reached: bool,
                    time_to_target: float | None, wall: float, interrupted: bool, out_of_time: bool,
-                   plot_x: str) -> None:
+                   plot_x: str, memory: dict) -> None:
     """``summary.json``, ``metrics.csv`` and ``learning_curve.png`` of a finished (or stopped) call."""
     summary = {"generation": state.generation, "score": setup.score, f"final_{setup.score}": final_score,
                "final": jsonable(final), "reached_target": reached, "time_to_target_s": time_to_target,
-               "wall_time_s": wall, "interrupted": interrupted, "out_of_time": out_of_time, **setup.summary_extra}
+               "wall_time_s": wall, "interrupted": interrupted, "out_of_time": out_of_time,
+               "member_batch": setup.member_batch, "memory": memory, **setup.summary_extra}
     (run_path / "summary.json").write_text(json.dumps(summary, indent=1))
     records_lib.write_csv(run_path, records_lib.read_metrics(run_path))
     records_lib.plot_learning_curve(run_path, title=f"{setup.config.name}: {setup.config.summary()}", setup=setup,
@@ -296,7 +319,10 @@ def load_run(run_dir: str | os.PathLike, setup: Setup | None = None, *,
     if not cfg_path.exists():
         raise CheckpointError(f"{run_dir} is not a run directory (no config.json)")
     if setup is None:
-        setup = make_setup(config_from_dict(json.loads(cfg_path.read_text()), default_kind=default_kind))
+        config = config_from_dict(json.loads(cfg_path.read_text()), default_kind=default_kind)
+        if getattr(config, "member_batch", None) == "auto":   # evaluating needs no batch: skip the estimate
+            config = config.replace(member_batch=None)
+        setup = make_setup(config)
     run_id = json.loads((run_dir / "run.json").read_text())["run_id"] if (run_dir / "run.json").exists() else None
     state, _ = restore_run(run_dir, setup, run_id)
     return setup, state

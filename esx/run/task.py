@@ -23,7 +23,7 @@ import functools
 import math
 from collections.abc import Callable
 from importlib import metadata
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -85,6 +85,8 @@ class Setup:
       ylabel, references: the plot's y label and horizontal reference lines ``((label, value), ...)``.
       summary_extra: fields added to ``summary.json``.
       parts: task-specific pieces for the task's own tools (RL: adapter, policy, fitness, evaluators).
+      memory: the :class:`MemoryPlan` of the task's ``member_batch`` (:func:`choose_member_batch`), or ``None``;
+        the runner prints its estimate at the start (``member_batch="auto"``) and writes it to ``summary.json``.
     """
 
     config: Any
@@ -103,6 +105,12 @@ class Setup:
     references: tuple = ()
     summary_extra: dict = dataclasses.field(default_factory=dict)
     parts: Any = None
+    memory: Any = None
+
+    @property
+    def member_batch(self) -> int | None:
+        """The strategy's ``member_batch`` (``None``: every member at once)."""
+        return getattr(getattr(self.strategy, "config", None), "member_batch", None)
 
     def better(self, a: float, b: float) -> bool:
         """``a`` is at least as good as ``b``."""
@@ -174,13 +182,65 @@ def device_chunk(generation: Callable, capacity: int, *, mesh=None) -> Callable:
     return run_chunk
 
 
+class MemoryPlan(NamedTuple):
+    """How a task chose its ``member_batch`` (:func:`choose_member_batch`; ``Setup.memory``).
+
+    Attributes:
+      member_batch: the batch passed to the strategy (``None``: every member at once).
+      estimate: the :class:`esx.MemoryEstimate` behind ``member_batch="auto"`` (``None`` otherwise).
+      budget_bytes: the budget the choice was made for (``None`` without ``"auto"``).
+    """
+
+    member_batch: int | None
+    estimate: Any = None
+    budget_bytes: int | None = None
+
+    def describe(self) -> str:
+        """The line the runner prints at the start (``""`` without an estimate)."""
+        if self.estimate is None:
+            return ""
+        return "member_batch=auto: " + self.estimate.describe(self.member_batch, self.budget_bytes)
+
+    def summary(self) -> dict:
+        """``summary.json``'s ``"memory"``."""
+        if self.estimate is None:
+            return {"member_batch": self.member_batch, "budget_bytes": self.budget_bytes}
+        return self.estimate.summary(self.member_batch, self.budget_bytes)
+
+
+def choose_member_batch(config: RunConfig, strategy, state: Any, fitness_fn: Callable, key: jax.Array,
+                        data: Any = None, *, choices: Any = None, **evaluate_options) -> MemoryPlan:
+    """``config.member_batch`` resolved for ``strategy``, as a :class:`MemoryPlan`.
+
+    ``None`` or an integer are kept as they are (nothing is compiled). ``"auto"`` compiles the generation's
+    programs for a few batch sizes (:func:`esx.memory_estimate`; ``state`` and ``data`` may be
+    ``jax.ShapeDtypeStruct`` pytrees, ``evaluate_options`` are ``strategy.evaluate``'s ``data_per_group``,
+    ``data_per_member``, ``has_aux``) and picks the largest valid batch (among ``choices`` when given) whose
+    predicted peak fits ``config.memory_budget_bytes`` -- ``None`` when the unbatched generation fits.
+
+    Raises:
+      ConfigError: even the smallest batch does not fit the budget.
+    """
+    mb = getattr(config, "member_batch", None)
+    if mb != "auto":
+        return MemoryPlan(mb)
+    budget = config.memory_budget_bytes
+    estimate = esx.memory_estimate(strategy, state, fitness_fn, key, data, **evaluate_options)
+    try:
+        return MemoryPlan(estimate.batch_for(budget, choices=choices), estimate, budget)
+    except ValueError as e:
+        raise ConfigError(f"member_batch='auto': {e}") from None
+
+
 def fitness_task(config: RunConfig, strategy, params: Any, fitness_fn: Callable, data: Any = None, *,
                  evaluate: Callable | None = None, score: str = "fitness", higher_is_better: bool = True,
                  target: float | None = None) -> Setup:
     """A :class:`Setup` for your own fitness function: ``esx.step`` generations in jitted chunks.
 
     Args:
-      config: the run control (a :class:`~esx.run.RunConfig`; ``seed`` gives the noise and data keys).
+      config: the run control (a :class:`~esx.run.RunConfig`; ``seed`` gives the noise and data keys). Its
+        ``member_batch`` (an integer, or ``"auto"``: :func:`choose_member_batch`) rebuilds ``strategy`` with
+        that batch (:func:`esx.with_member_batch`); ``None`` keeps the strategy's own.
       strategy: an esx strategy (``esx.eggroll(...)``, ``esx.open_es(...)``).
       params: the initial parameters (any pytree of float arrays).
       fitness_fn: ``(view, key, data) -> float[]``, higher is better (as for :func:`esx.step`); ``key`` derives
@@ -193,6 +253,12 @@ def fitness_task(config: RunConfig, strategy, params: Any, fitness_fn: Callable,
     Returns:
       a :class:`Setup` for :func:`esx.run.train`.
     """
+    plan = None
+    if getattr(config, "member_batch", None) is not None:
+        shapes = jax.eval_shape(strategy.init, stream_key(jax.random.key(config.seed), "noise"), params)
+        plan = choose_member_batch(config, strategy, shapes, fitness_fn, jax.random.key(config.seed), data)
+        strategy = esx.with_member_batch(strategy, plan.member_batch)
+
     def generation(state: RunState):
         es_state, metrics = esx.step(strategy, state.es, fitness_fn, data_key(state), data)
         return RunState(es_state, state.carry, state.key), metrics
@@ -213,7 +279,7 @@ def fitness_task(config: RunConfig, strategy, params: Any, fitness_fn: Callable,
         return {k: float(np.asarray(v)) for k, v in out.items()}, None
 
     return Setup(config, strategy, device_chunk(generation, chunk_capacity(config)), initial_state,
-                 evaluate_state, score=score, higher_is_better=higher_is_better, target=target)
+                 evaluate_state, score=score, higher_is_better=higher_is_better, target=target, memory=plan)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -275,5 +341,6 @@ def make_setup(config) -> Setup:
     return config.setup()
 
 
-__all__ = ["ENTRY_POINT_GROUP", "RunState", "Setup", "chunk_capacity", "config_from_dict", "data_key",
-           "device_chunk", "eval_key", "fitness_task", "host_chunk", "make_setup", "task_class", "task_classes"]
+__all__ = ["ENTRY_POINT_GROUP", "MemoryPlan", "RunState", "Setup", "choose_member_batch", "chunk_capacity",
+           "config_from_dict", "data_key", "device_chunk", "eval_key", "fitness_task", "host_chunk", "make_setup",
+           "task_class", "task_classes"]
