@@ -85,6 +85,25 @@ def default_labeller(path: str, leaf: Any) -> str:
     return LOWRANK if np.ndim(leaf) >= 2 else FULL
 
 
+def apply_overrides(paths: list[str], labels: list[str], overrides: Mapping[str, str] | None) -> list[str]:
+    """``labels`` (one per path) with the glob ``overrides`` ``{pattern: label}`` on the ``/``-joined ``paths``
+    applied, first match wins; ``ValueError`` for a pattern that matches no path (almost always a typo)."""
+    if not overrides:
+        return list(labels)
+    labels = list(labels)
+    used = {pattern: False for pattern in overrides}
+    for i, p in enumerate(paths):
+        for pattern, label in overrides.items():
+            if fnmatch.fnmatchcase(p, pattern):
+                labels[i] = label
+                used[pattern] = True
+                break
+    unused = [pattern for pattern, hit in used.items() if not hit]
+    if unused:
+        raise ValueError(f"labels: override pattern(s) {unused} match no parameter; valid paths are {paths}")
+    return labels
+
+
 def make_labels(
     params: Any,
     overrides: Mapping[str, str] | Labeller | None = None,
@@ -109,21 +128,7 @@ def make_labels(
     if callable(overrides):
         labels = [overrides(p, leaf) for p, leaf in zip(paths, leaves)]
     else:
-        labels = [default_labeller(p, leaf) for p, leaf in zip(paths, leaves)]
-        if overrides:
-            used = {pattern: False for pattern in overrides}
-            for i, p in enumerate(paths):
-                for pattern, label in overrides.items():
-                    if fnmatch.fnmatchcase(p, pattern):
-                        labels[i] = label
-                        used[pattern] = True
-                        break
-            unused = [pattern for pattern, hit in used.items() if not hit]
-            if unused:
-                raise ValueError(
-                    f"labels: override pattern(s) {unused} match no parameter; "
-                    f"valid paths are {paths}"
-                )
+        labels = apply_overrides(paths, [default_labeller(p, leaf) for p, leaf in zip(paths, leaves)], overrides)
     labels_tree = jax.tree_util.tree_unflatten(treedef, labels)
     check_labels(params, labels_tree)
     return labels_tree

@@ -57,6 +57,17 @@ def _materialised(view):
     return jax.tree_util.tree_map(esx.value, view, is_leaf=_views.is_view)
 
 
+def _one_warning(strategy, state, fitness, reference, x, *others) -> str:
+    """Runs :func:`_check_same` (and a second trace) and returns the text of the one MaterializeWarning it gave."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _check_same(strategy, state, fitness, reference, x, *others)
+        jax.eval_shape(lambda s: strategy.evaluate(s, fitness, jax.random.key(4), x), state)   # traced again
+    ours = [w for w in caught if issubclass(w.category, _views.MaterializeWarning)]
+    assert len(ours) == 1, [str(w.message) for w in ours]
+    return str(ours[0].message)
+
+
 def _check_same(strategy, state, fitness, reference, data, *others, key=jax.random.key(3)):
     """Member-by-member fitness equal to 1e-6 and the same update from ``tell`` (one compile for everything:
     ``others`` are more fitness functions that must give the same values). Returns the fitness."""
@@ -310,13 +321,7 @@ def test_linen_fallback_materialises_with_one_warning():
     def prepared(view, key, x):                       # esx.prepare's SplitLowRank leaves run the same
         return fitness(esx.prepare(view), key, x)
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        _check_same(strategy, state, fitness, reference, x, prepared)
-        jax.eval_shape(lambda s: strategy.evaluate(s, fitness, jax.random.key(4), x), state)   # traced again
-    ours = [w for w in caught if issubclass(w.category, _views.MaterializeWarning)]
-    assert len(ours) == 1, [str(w.message) for w in ours]
-    msg = str(ours[0].message)
+    msg = _one_warning(strategy, state, fitness, reference, x, prepared)
     assert "params/conv/kernel [2×6×5]" in msg and "params/w [5×7]" in msg and "params/batched/kernel [2×4×5]" in msg
     assert "params/head" not in msg and "params/mix" not in msg
     assert "240 B" in msg and "140 B" in msg and "160 B" in msg and "per member" in msg   # 60, 35, 40 float32
@@ -453,12 +458,7 @@ def test_nnx_fallback_materialises_with_one_warning():
     def reference(view, key, x):
         return -jnp.mean(nnx.merge(graphdef, _materialised(view), rest)(x) ** 2)
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        _check_same(strategy, state, fitness, reference, x)
-    ours = [w for w in caught if issubclass(w.category, _views.MaterializeWarning)]
-    assert len(ours) == 1, [str(w.message) for w in ours]
-    msg = str(ours[0].message)
+    msg = _one_warning(strategy, state, fitness, reference, x)
     assert "conv/kernel [2×6×5]" in msg and "w [5×7]" in msg and "batched/kernel [2×4×5]" in msg
     assert "head" not in msg and "mix" not in msg and "240 B" in msg and "batch_axis" in msg
     jaxpr = jax.make_jaxpr(lambda s: strategy.evaluate(s, fitness, jax.random.key(4), x))(state).jaxpr
@@ -590,12 +590,7 @@ def test_eqx_fallback_materialises_with_one_warning():
     def reference(view, key, x):
         return -jnp.mean(jax.vmap(eqx.combine(_materialised(view), static))(x) ** 2)
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        _check_same(strategy, state, fitness, reference, x)
-    ours = [w for w in caught if issubclass(w.category, _views.MaterializeWarning)]
-    assert len(ours) == 1, [str(w.message) for w in ours]
-    msg = str(ours[0].message)
+    msg = _one_warning(strategy, state, fitness, reference, x)
     assert "conv/weight [5×6×2]" in msg and "w [7×5]" in msg and "head" not in msg and "240 B" in msg
     assert "read by Conv1d" in msg and "read by EqxFallback" in msg
     jaxpr = jax.make_jaxpr(lambda s: strategy.evaluate(s, fitness, jax.random.key(4), x))(state).jaxpr

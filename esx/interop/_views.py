@@ -14,7 +14,6 @@ Every adapter resolves a member view the same way before the framework's own cod
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import math
 import warnings
 from collections.abc import Callable
@@ -172,22 +171,8 @@ def default_label(leaf: Any) -> str:
 
 
 def apply_overrides(paths: list[str], labels: list[str], overrides: Any) -> list[str]:
-    """``labels`` with glob ``overrides`` ``{pattern: label}`` on the ``/``-joined ``paths`` applied (first match
-    wins); ``ValueError`` for a pattern that matches nothing, as :func:`esx.make_labels`."""
-    if not overrides:
-        return labels
-    labels = list(labels)
-    used = {pattern: False for pattern in overrides}
-    for i, p in enumerate(paths):
-        for pattern, label in overrides.items():
-            if fnmatch.fnmatchcase(p, pattern):
-                labels[i] = label
-                used[pattern] = True
-                break
-    unused = [pattern for pattern, hit in used.items() if not hit]
-    if unused:
-        raise ValueError(f"labels: override pattern(s) {unused} match no parameter; valid paths are {paths}")
-    return labels
+    """:func:`esx.labels.apply_overrides`: glob ``overrides`` on the paths, first match wins, unmatched is an error."""
+    return labels_lib.apply_overrides(paths, labels, overrides)
 
 
 def view_rows(w: Any) -> int | None:
@@ -215,3 +200,14 @@ def dense_general(x: jax.Array, kernel: Any, axis: tuple[int, ...]) -> jax.Array
     if axis != trailing:
         x = jnp.moveaxis(x, axis, trailing)
     return ops.dense(x, kernel)   # a matrix, or a "lowrank:k" tensor view (contracts the last k axes of x)
+
+
+def embed_lookup(ids: jax.Array, table: Any, dtype: Any, num_embeddings: int) -> jax.Array:
+    """A Flax ``Embed`` lookup on a view: ``ids: int[...]`` -> ``float[..., dim]`` with Flax's checks (integer ids;
+    a one-row table always gives row 0) and its ``dtype``."""
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError("Input type must be an integer or unsigned integer.")
+    table = cast(table, dtype)
+    if num_embeddings == 1:
+        return ops.embed(jnp.zeros(ids.shape, jnp.int32), table)
+    return ops.embed(ids, table)

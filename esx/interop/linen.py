@@ -175,12 +175,7 @@ def _embed(mod: nn.Module, table: Any, method: str, arg: jax.Array) -> jax.Array
     if method == "attend":
         dtype = mod.dtype if mod.dtype is not None else _views.result_dtype(arg, table)
         return ops.dense(jnp.asarray(arg, dtype), _views.cast(table, dtype), layout="out_in")
-    if not jnp.issubdtype(arg.dtype, jnp.integer):
-        raise ValueError("Input type must be an integer or unsigned integer.")
-    table = _views.cast(table, mod.dtype)
-    if mod.num_embeddings == 1:
-        return ops.embed(jnp.zeros(arg.shape, jnp.int32), table)
-    return ops.embed(arg, table)
+    return _views.embed_lookup(arg, table, mod.dtype, mod.num_embeddings)
 
 
 def _interceptor(next_fun, args, kwargs, context):

@@ -115,12 +115,7 @@ def _embed_call(self, inputs, out_sharding=None):
     table = _get(self.embedding)
     if not _views.is_lowrank(table):
         return self._esx_original.__call__(self, inputs, out_sharding)
-    if not jnp.issubdtype(inputs.dtype, jnp.integer):
-        raise ValueError("Input type must be an integer or unsigned integer.")
-    table = _views.cast(table, self.dtype)
-    if self.num_embeddings == 1:
-        return ops.embed(jnp.zeros(inputs.shape, jnp.int32), table)
-    return ops.embed(inputs, table)
+    return _views.embed_lookup(inputs, table, self.dtype, self.num_embeddings)
 
 
 def _embed_attend(self, query, out_sharding=None):
