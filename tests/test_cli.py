@@ -135,13 +135,18 @@ def test_devices_all_gives_the_cpu_one_device_per_core(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
     base = [sys.executable, "-m", "esx_envs.cli", "train", "cartpole", *TINY_OVERRIDES, "generations=2", "eval_every=2"]
-    auto = subprocess.run([*base, "--devices", "all", "--no-progress", "--run-dir", str(tmp_path / "auto"),
-                           f"population_size={16 * cores}"], capture_output=True, text=True, env=env, timeout=600)
+    runs = [  # both at once (each compiles mostly on one core)
+        subprocess.Popen([*base, "--devices", "all", "--no-progress", "--run-dir", str(tmp_path / "auto"),
+                          f"population_size={16 * cores}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env),
+        subprocess.Popen([*base, "--devices", "all", "--no-progress", "--run-dir", str(tmp_path / "explicit")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}),
+    ]
+    outputs = [p.communicate(timeout=600) for p in runs]
+    auto, explicit = (subprocess.CompletedProcess(p.args, p.returncode, *o) for p, o in zip(runs, outputs))
     assert auto.returncode == 0, auto.stderr
     assert f"population sharded over {cores} cpu devices" in auto.stdout
-    explicit = subprocess.run([*base, "--devices", "all", "--no-progress", "--run-dir", str(tmp_path / "explicit")],
-                              capture_output=True, text=True, timeout=600,
-                              env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
     assert explicit.returncode == 0, explicit.stderr
     assert "population sharded over 4 cpu devices" in explicit.stdout
     assert "generation 2: greedy return over 4 episodes" in explicit.stdout
