@@ -669,3 +669,36 @@ def test_eqx_trains():
     start = float(jnp.mean((jax.vmap(model)(xs) - ys) ** 2))
     end = float(jnp.mean((jax.vmap(eqx.combine(state.params, static))(xs) - ys) ** 2))
     assert end < 0.1 * start, (start, end)       # about 0.01-0.03 of the start seen
+
+
+def test_adapters_change_neither_your_classes_nor_flax():
+    """docs/interop.md: ``members()`` restores ``nn.Module.apply`` (also after an error), ``merge`` / ``combine`` swap
+    layer classes on the fresh module only, and a plain ``nnx.merge`` afterwards is plain NNX."""
+    original = nn.Module.apply
+    with pytest.raises(RuntimeError, match="inside"):
+        with esx_linen.members():
+            assert nn.Module.apply is not original
+            raise RuntimeError("inside")
+    assert nn.Module.apply is original
+
+    model, graphdef, params, rest, labels, strategy, state = _nnx_setup()
+    linear_call = nnx.Linear.__call__
+    view = strategy.view(state, strategy.ask(state), 0)
+    member = esx_nnx.merge(graphdef, view, rest)
+    assert isinstance(member.mlp, nnx.Linear) and type(member.mlp) is not nnx.Linear   # a subclass, on the member
+    assert type(model.mlp) is nnx.Linear and nnx.Linear.__call__ is linear_call
+    assert type(nnx.merge(graphdef, state.params, rest).mlp) is nnx.Linear
+
+    mlp = eqx.nn.MLP(2, 2, width_size=4, depth=1, key=jax.random.key(0))
+    p, static = esx_eqx.partition(mlp)
+    s = _strategy(esx_eqx.labels(p))
+    st = s.init(jax.random.key(1), p)
+    swapped = esx_eqx.combine(s.view(st, s.ask(st), 0), static)
+    assert isinstance(swapped.layers[0], eqx.nn.Linear) and type(swapped.layers[0]) is not eqx.nn.Linear
+    assert type(mlp.layers[0]) is eqx.nn.Linear and type(eqx.combine(st.params, static).layers[0]) is eqx.nn.Linear
+
+
+def test_out_of_range_ids_clamp_in_esx_embed():
+    """docs/interop.md, Limits: an id past the table reads the last row in ``esx.embed`` (JAX's gather clamps)."""
+    table = jnp.arange(12.0).reshape(4, 3)
+    np.testing.assert_array_equal(esx.embed(jnp.array([5, 3]), table), table[jnp.array([3, 3])])
