@@ -20,6 +20,11 @@ Cases (``--cases`` takes a comma-separated subset):
   width 256, stacked (one ``[L, 256, 256]`` leaf, ``lax.scan`` over layers) and unstacked (one leaf per layer).
 * ``B5`` -- memory of the B1a population evaluation vs inference: XLA's compiled memory analysis (arguments +
   outputs + temporaries - aliased) and, unless ``--quick``, the peak RSS growth of a fresh subprocess per case.
+* ``B6`` -- hyperscale populations with member batching (docs/hyperscale.md): a 2-layer tanh MLP 256×256 (float32,
+  biases), 16 input rows per member drawn inside the fitness from the member's key, EGGROLL rank 1, ``hash`` noise.
+  One fresh subprocess per population size ``N = 2^12, 2^14, ..., 2^20`` at ``member_batch=4096`` runs one whole
+  ``esx.step`` (compile included) and reports its peak RSS (``ru_maxrss``: the whole process, compile included);
+  then, in this process, ``esx.step`` at ``N = 2^14`` batched (4096) and unbatched, timed in interleaved rounds.
 
 ``--quick`` shrinks every size so the whole suite runs in seconds (used by the tests); ``--json PATH`` writes
 ``{"meta": {...}, "cases": {name: {"config", "measured", "ratios", "targets", "met", "notes"}}}``.
@@ -47,7 +52,7 @@ from jax import lax
 import esx
 from esx import noise as noise_lib
 
-CASES = ("B1a", "B1b", "B2", "B3", "B4", "B5")
+CASES = ("B1a", "B1b", "B2", "B3", "B4", "B5", "B6")
 SOURCES = noise_lib.NOISE_SOURCES
 
 TARGETS = {
@@ -57,6 +62,8 @@ TARGETS = {
     "B3": "tell / evaluation <= 0.10; tell(rank 16) / tell(rank 1) <= 4",
     "B4": "compile(64 layers) / compile(8 layers) <= 3",
     "B5": "population-evaluation memory / inference memory <= 1.2",
+    "B6": "member_batch 4096: peak RSS at N=2^20 <= 2 GiB; peak RSS N=2^20 / N=2^12 <= 1.15; "
+          "throughput batched / unbatched >= 0.90",
 }
 
 
@@ -421,9 +428,9 @@ def case_b4(*, quick: bool, repeats: int, sources) -> dict:
 _RSS_SCRIPT = r"""
 import json, resource, sys
 import jax, jax.numpy as jnp
-from esx import bench
+from esx_envs import bench
 cfg = json.loads(sys.argv[1])
-out = bench._rss_child(**cfg)
+out = getattr(bench, cfg.pop("child", "_rss_child"))(**cfg)
 print("RSS_RESULT " + json.dumps(out))
 """
 
@@ -463,9 +470,9 @@ def _rss_child(*, width: int, layers: int, pop: int, source: str | None, pregene
     return {"peak_rss_growth_bytes": peak - before, "peak_rss_bytes": peak, "rss_before_bytes": before}
 
 
-def _rss_subprocess(cfg: dict) -> dict:
+def _rss_subprocess(cfg: dict, timeout: float = 600) -> dict:
     proc = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, json.dumps(cfg)], capture_output=True, text=True,
-                          timeout=600)
+                          timeout=timeout)
     for line in proc.stdout.splitlines():
         if line.startswith("RSS_RESULT "):
             return json.loads(line[len("RSS_RESULT "):])
@@ -515,8 +522,85 @@ def case_b5(*, quick: bool, repeats: int, sources, rss: bool | None = None) -> d
             "notes": notes}
 
 
+# ----------------------------------------------------------------------------------------------- B6
+def _b6_problem(*, n: int, k: int | None, width: int, rows: int):
+    """``(strategy, state, fitness)`` of B6: a 2-layer tanh MLP ``width × width``; each member's fitness is
+    ``-mean((y - x)^2)`` over ``rows`` input rows drawn from its key (the data takes no memory of its own)."""
+    def fitness(p, key, data):
+        del data
+        x = jax.random.normal(key, (rows, width))
+        h = jnp.tanh(esx.dense(x, p["l1"]["w"]) + esx.value(p["l1"]["b"]))
+        y = esx.dense(h, p["l2"]["w"]) + esx.value(p["l2"]["b"])
+        return -jnp.mean((y - x) ** 2)
+
+    k1, k2 = jax.random.split(jax.random.key(0))
+    params = {"l1": {"w": jax.random.normal(k1, (width, width)) / math.sqrt(width), "b": jnp.zeros(width)},
+              "l2": {"w": jax.random.normal(k2, (width, width)) / math.sqrt(width), "b": jnp.zeros(width)}}
+    strategy = esx.eggroll(population_size=n, sigma=0.05, optimizer=optax.adam(1e-3), rank=1, noise_source="hash",
+                           group_size=1, member_batch=k)
+    return strategy, strategy.init(jax.random.key(1), params), fitness
+
+
+def _b6_child(*, n: int, k: int | None, width: int, rows: int) -> dict:
+    """In a fresh process: one ``esx.step`` of B6 (compile included); the process's peak RSS and the step's time."""
+    import resource
+    strategy, state, fitness = _b6_problem(n=n, k=k, width=width, rows=rows)
+    _block(state)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t0 = time.perf_counter()
+    state, metrics = esx.step(strategy, state, fitness, jax.random.key(2))
+    _block(state)
+    seconds = time.perf_counter() - t0
+    if not bool(jnp.all(jnp.isfinite(metrics.fitness_mean))):
+        raise RuntimeError(f"B6 N={n}: non-finite fitness")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"peak_rss_bytes": peak, "baseline_rss_bytes": base, "first_step_s": seconds,
+            "fitness_mean": float(metrics.fitness_mean)}
+
+
+def case_b6(*, quick: bool, repeats: int, sources) -> dict:
+    del sources   # hash noise: the method's fused generator (the population's noise is never stored)
+    if quick:
+        width, rows, k, log2n, timed_n = 16, 4, 16, (6, 8), 64
+    else:
+        width, rows, k, log2n, timed_n = 256, 16, 4096, (12, 14, 16, 18, 20), 1 << 14
+    measured: dict[str, Any] = {}
+    for e in log2n:
+        res = _rss_subprocess({"child": "_b6_child", "n": 1 << e, "k": k, "width": width, "rows": rows},
+                              timeout=3600)
+        measured[f"N=2^{e}/peak_rss"] = res["peak_rss_bytes"]
+        measured[f"N=2^{e}/first_step_s"] = res["first_step_s"]
+    lo, hi = log2n[0], log2n[-1]
+    peak_hi = measured[f"N=2^{hi}/peak_rss"]
+    ratios = {f"peak RSS GiB, N=2^{hi}, member_batch {k}": peak_hi / 2**30,
+              f"peak RSS N=2^{hi} / N=2^{lo} (member_batch {k})": peak_hi / measured[f"N=2^{lo}/peak_rss"]}
+    fns = {}
+    for name, kk in (("unbatched", None), (f"member_batch {k}", k)):
+        strategy, state, fitness = _b6_problem(n=timed_n, k=kk, width=width, rows=rows)
+        step = strategy.make_step(fitness)
+        fns[name] = (lambda step=step, state=state: step(state, jax.random.key(3)))
+    times = time_interleaved(fns, repeats=repeats)
+    measured.update({f"N={timed_n}/{name}/step_s": _med(v) for name, v in times.items()})
+    ratios[f"throughput member_batch {k} / unbatched (N={timed_n})"] = _ratio(times["unbatched"],
+                                                                             times[f"member_batch {k}"])
+    names = list(ratios)
+    targets = {names[0]: "<= 2 (quick: informational)" if quick else "<= 2", names[1]: "<= 1.15",
+               names[2]: ">= 0.90"}
+    met = {names[1]: ratios[names[1]] <= 1.15, names[2]: ratios[names[2]] >= 0.90}
+    if not quick:
+        met[names[0]] = ratios[names[0]] <= 2
+    config = {"model": f"MLP 2x{width} tanh, biases", "rows_per_member": rows, "rank": 1, "noise": "hash",
+              "member_batch": k, "populations": [f"2^{e}" for e in log2n], "timed_population": timed_n}
+    notes = ("peak RSS: ru_maxrss of a fresh process per N (imports, compile and one esx.step); the GPU row of the "
+             "hyperscale issue (SmolLM2-135M, N >= 4096, member-tokens/s vs inference) needs a GPU: "
+             "scripts/gpu_bench.py")
+    return {"config": config, "measured": measured, "ratios": ratios, "targets": targets, "met": met,
+            "notes": notes}
+
+
 # ----------------------------------------------------------------------------------------------- driver
-CASE_FNS = {"B1a": case_b1a, "B1b": case_b1b, "B2": case_b2, "B3": case_b3, "B4": case_b4, "B5": case_b5}
+CASE_FNS = {"B1a": case_b1a, "B1b": case_b1b, "B2": case_b2, "B3": case_b3, "B4": case_b4, "B5": case_b5,
+            "B6": case_b6}
 
 
 def environment() -> dict:

@@ -3,9 +3,17 @@
     python scripts/egg_compare.py ablation --generations 300            # fixed data per step, equal generations
     python scripts/egg_compare.py twins --seconds 120                   # int EGGROLL / float EGGROLL / backprop
     python scripts/egg_compare.py throughput --dim 256 --population 1024 # member-bytes/s, int8 vs float twin
+    python scripts/egg_compare.py ablation-time --populations 1024,...,65536 --seconds 180 --generations 12 \
+        --streams 1 --length 16 --member-batch 4096 --json out.json     # equal wall-clock and equal generations
 
 Ablation: every member of every population reads the same ``streams × length`` bytes per generation
 (``group_size = population``), so data per step is fixed and only the population changes.
+Ablation-time: the same fixed data per step, every population trained in one process for the same seconds of its
+own generation time (compile excluded, evaluations excluded) and for at least ``--generations`` generations. The
+populations take turns: the next generation always goes to the population with the least time so far, so load
+from other jobs falls on all of them alike. Validation bits/byte is measured at a quarter, half and all of the
+time budget and at generation ``--generations``; populations above ``--member-batch`` are evaluated in chunks of
+that many members (``member_batch``, docs/hyperscale.md).
 Twins: the same architecture and data stream layout, each trained for the same wall-clock seconds one after the
 other in this process; validation bits/byte on the same validation subset. Prints Markdown tables.
 Throughput: one generation (population forward over ``length`` bytes per member + update) of integer EGGROLL on the
@@ -52,6 +60,61 @@ def run_int(config, split, *, population, group_size, streams, length, alpha, al
         g += 1
     jax.block_until_ready(state.params)
     return state.params, g, time.perf_counter() - t0
+
+
+def _int_setup(config, split, *, population, streams, length, alpha, alpha_decay, member_batch, seed=0):
+    """One population of the ablation: ``(step, state, hidden, data)`` with every member reading the same
+    ``streams`` streams (``group_size = population``)."""
+    params = egg.init_params(jax.random.key(seed), config)
+    strat = ie.int_eggroll(population_size=population, group_size=population, alpha=alpha, alpha_decay=alpha_decay,
+                           labels=egg.labels(params),
+                           member_batch=member_batch if member_batch and population > member_batch else None)
+    state = strat.init(jax.random.key(seed + 1), params)
+    data = text_data.Streams(split.train, split.train_starts, num_streams=streams, length=length, seed=seed)
+    return egg.make_generation(strat, config), state, egg.initial_hidden(population, streams, config), data
+
+
+def ablation_time(config, split, *, populations, streams, length, alpha, alpha_decay, seconds, generations,
+                  member_batch, val, seed=0, say=print):
+    """Equal wall-clock and equal generations in one process (module docstring). Returns one record per
+    population: ``{"population", "member_batch", "compile_s", "evals": [{"generation", "seconds", "bpb", "why"}]}``."""
+    runs = []
+    for pop in populations:
+        step, state, hidden, data = _int_setup(config, split, population=pop, streams=streams, length=length,
+                                               alpha=alpha, alpha_decay=alpha_decay, member_batch=member_batch,
+                                               seed=seed)
+        t0 = time.perf_counter()
+        step.lower(state, hidden, *(jnp.asarray(x)[None] for x in data.batch(0))).compile()
+        runs.append({"population": pop, "step": step, "state": state, "hidden": hidden, "data": data, "g": 0,
+                     "t": 0.0, "marks": [seconds / 4, seconds / 2, seconds], "compile_s": time.perf_counter() - t0,
+                     "evals": []})
+        say(f"population {pop}: compiled in {runs[-1]['compile_s']:.1f} s")
+
+    def evaluate(r, why):
+        bpb = egg.bits_per_byte(r["state"].params, split.valid, config=config, **val)
+        r["evals"].append({"generation": r["g"], "seconds": r["t"], "bpb": bpb, "why": why})
+        say(f"population {r['population']}: generation {r['g']}, {r['t']:.1f} s: {bpb:.3f} bits/byte ({why})")
+
+    for r in runs:
+        evaluate(r, "start")
+    active = list(runs)
+    while active:
+        r = min(active, key=lambda r: r["t"])
+        tok, res = r["data"].batch(r["g"])
+        t0 = time.perf_counter()
+        r["state"], r["hidden"], _ = r["step"](r["state"], r["hidden"], jnp.asarray(tok)[None],
+                                               jnp.asarray(res)[None])
+        jax.block_until_ready(r["state"].params)
+        r["t"] += time.perf_counter() - t0
+        r["g"] += 1
+        if r["g"] == generations:
+            evaluate(r, f"generation {generations}")
+        while r["marks"] and r["t"] >= r["marks"][0]:
+            evaluate(r, f"{r['marks'].pop(0):.0f} s")
+        if not r["marks"] and r["g"] >= generations:
+            active.remove(r)
+    return [{"population": r["population"], "member_batch": member_batch if r["population"] > member_batch else None,
+             "compile_s": r["compile_s"], "evals": r["evals"]} for r in runs]
 
 
 def run_float_es(config, split, *, population, length, seconds, sigma=0.05, lr=0.02, seed=0):
@@ -130,7 +193,9 @@ def throughput(config, split, *, population, length, repeats=5, seed=0):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["ablation", "twins", "throughput"])
+    ap.add_argument("what", choices=["ablation", "ablation-time", "twins", "throughput"])
+    ap.add_argument("--member-batch", type=int, default=4096, help="ablation-time: member_batch above this size")
+    ap.add_argument("--json", default=None, help="ablation-time: also write the records here")
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--generations", type=int, default=300)
     ap.add_argument("--populations", default="2,16,256")
@@ -154,6 +219,31 @@ def main(argv=None):
         print(f"| int8 EGG, integer EGGROLL | {ti:,.0f} |")
         print(f"| float32 twin, float EGGROLL (rank 1) | {tf:,.0f} |")
         print(f"int8 / float ratio: {ti / tf:.2f}")
+        return
+    if args.what == "ablation-time":
+        import json
+        import os
+        pops = [int(p) for p in args.populations.split(",")]
+        load0 = os.getloadavg()
+        records = ablation_time(config, split, populations=pops, streams=args.streams, length=args.length,
+                                alpha=args.alpha, alpha_decay=args.alpha_decay, seconds=args.seconds,
+                                generations=args.generations, member_batch=args.member_batch, val=val)
+        load1 = os.getloadavg()
+        print(f"\nD={args.dim}, 1 layer; every member reads the same {args.streams} x {args.length} bytes per "
+              f"generation; {args.seconds:.0f} s of generation time each; load average {load0[0]:.2f} at the start, "
+              f"{load1[0]:.2f} at the end")
+        print(f"| population | member_batch | bits/byte at generation {args.generations} | seconds to generation "
+              f"{args.generations} | generations in {args.seconds:.0f} s | bits/byte at {args.seconds:.0f} s |")
+        print("|---|---|---|---|---|---|")
+        for rec in records:
+            at_g = next(e for e in rec["evals"] if e["why"] == f"generation {args.generations}")
+            at_t = next(e for e in rec["evals"] if e["why"] == f"{args.seconds:.0f} s")
+            print(f"| {rec['population']} | {rec['member_batch'] or 'none'} | {at_g['bpb']:.3f} | "
+                  f"{at_g['seconds']:.1f} | {at_t['generation']} | {at_t['bpb']:.3f} |")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "loadavg_start": load0, "loadavg_end": load1, "records": records},
+                          f, indent=1)
         return
     if args.what == "ablation":
         print(f"| population | generations | bytes/step (shared) | valid bits/byte | seconds |")
