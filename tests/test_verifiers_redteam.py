@@ -718,3 +718,49 @@ def test_reasoning_gym_datasets_whose_verifier_evaluates_code_are_refused():
         with pytest.raises(ConfigError, match="evaluates the model's"):
             LLMConfig(task=f"rg:{name}")
     assert "countdown" not in tasks.UNSAFE_REASONING_GYM and "basic_arithmetic" not in tasks.UNSAFE_REASONING_GYM
+
+
+LENIENT_COUNTDOWN = tasks.Countdown(strict=False)
+PROSE = st.sampled_from(["", "Let me try. ", "We need the target.\n", "Step 1: add.\nStep 2: check.\n"])
+ENDINGS = st.sampled_from(["", ".", " .", "!", "\n", ". Done."])
+
+
+def lenient_score(numbers, target, completion):
+    return LENIENT_COUNTDOWN.score(tasks.Problem("q", target, {"numbers": tuple(numbers)}), completion)
+
+
+@SETTINGS
+@given(problem=countdown_problems(), prose=PROSE, ending=ENDINGS, data=st.data())
+def test_lenient_countdown_reads_the_last_equation_of_untagged_prose(problem, prose, ending, data):
+    """Lenient mode (``Countdown(strict=False)``, what ``llm-countdown`` uses) scores an untagged completion by its
+    last equation: right when that is right, wrong when an earlier right one is followed by a wrong one."""
+    numbers, tree, target = problem
+    e = render(tree)
+    right = data.draw(st.sampled_from([e, f"{e} = {target}", f"{target} = {e}"]))
+    assert lenient_score(numbers, target, f"{prose}So the equation is {right}{ending}") == 1.0
+    wrong = data.draw(cd_wrong_side(numbers, tree, target))
+    assume(tasks.last_equation(f"x {wrong}{ending}") != tasks.last_equation(f"x {right}"))
+    completion = f"{prose}First: {right}. Then: {wrong}{ending}"
+    assert lenient_score(numbers, target, completion) == 0.0, completion
+
+
+@SETTINGS
+@given(problem=countdown_problems(), prose=PROSE, ending=ENDINGS, data=st.data())
+def test_lenient_countdown_rejects_misused_numbers_in_prose(problem, prose, ending, data):
+    numbers, tree, target = problem
+    answer, aimed_at = data.draw(cd_number_misuse(numbers, tree, target))
+    assume(is_target(aimed_at))
+    parsed = tasks.parse_expression(answer, return_numbers=True)
+    assume(parsed is None or sorted(parsed[1]) != sorted(numbers))
+    completion = f"{prose}The answer: {answer}{ending}"
+    assert lenient_score(numbers, int(aimed_at), completion) == 0.0, completion
+
+
+@SETTINGS
+@given(problem=countdown_problems(), think=THINK, data=st.data())
+def test_lenient_countdown_still_rejects_malformed_tags(problem, think, data):
+    """Lenient reading applies only when no answer tag is present: a malformed tag scores 0 even when a right
+    equation stands in the prose."""
+    numbers, tree, target = problem
+    completion = think + data.draw(cd_tags(numbers, tree, target)) + f" {render(tree)} = {target}"
+    assert lenient_score(numbers, target, completion) == 0.0, completion

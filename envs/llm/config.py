@@ -26,7 +26,10 @@ class LLMConfig(RunConfig):
         ``"format"`` (answer-format compliance) or ``"digits"`` (fraction of digit characters; graded even for a
         random model), or ``"rg:<name>"``: a reasoning-gym dataset scored by its own verifier (extra
         ``llm-reasoning-gym``).
-      digits, ops: arithmetic / format / digits problems; numbers, max_number: countdown; gsm8k: a GSM8K jsonl path.
+      digits, ops: arithmetic / format / digits problems; gsm8k: a GSM8K jsonl path.
+      numbers, min_number, max_number, min_target, max_target: the Countdown generator: ``numbers`` integers drawn
+        from ``[min_number, max_number]``, targets (reached by a random expression over all of them) kept in
+        ``[min_target, max_target]``.
       lenient: without an ``<answer>`` section, score the completion's last number.
       format_weight: add this times the format reward to the task score.
       population_size, group_size, prompts_per_member: ``N`` members; consecutive ``group_size`` members answer
@@ -40,6 +43,23 @@ class LLMConfig(RunConfig):
       chat: wrap prompts in the ChatML template (``False``: the bare question, for base models and tests).
       freeze_embeddings: neither perturb nor update the embedding / output tables.
       val_size: held-out problems scored greedily every ``eval_every`` generations and at the end.
+      tune_size: a second held-out set, the tuning split (``tune_accuracy`` in the evaluations; 0: none), for
+        choosing hyperparameters without looking at the validation set.
+      disjoint: split the problem space by a hash of the question (:func:`esx_envs.llm.task.problem_split`: 5%
+        validation, 5% tuning, 90% training): validation and tuning problems are drawn only from their own part
+        and training never sees either, whatever the sizes (``False``: the validation set is drawn from its own
+        random stream only, as before).
+      samples_per_prompt: every member answers each prompt this many times (sampled at ``temperature``; the
+        fitness is the mean over prompts and samples); the records hold ``pass_at_1`` and ``pass_at_k``
+        (``k = samples_per_prompt``, unbiased estimator :func:`esx_envs.llm.es.pass_at_k`).
+      lr_convention: ``"esx"`` (textbook ``lr · g``) or ``"paper"``: ``learning_rate`` is the paper code's, converted
+        with :func:`esx.paper_learning_rate` for SGD (Adam takes the same value in both conventions).
+      lr_multipliers: per-parameter step-size factors, ``"pattern=factor,..."`` with glob patterns on the parameter
+        paths (``"embed=0.1,layers/w_*=2"``; :func:`esx.scale_by_path`; 0 freezes the updates of a leaf).
+      anchor_decay: pull the weights toward their initial values by this fraction per update
+        (:func:`esx.anchored_weight_decay`; 0: off).
+      master_weights: with ``dtype="bfloat16"``, keep float32 master parameters in the ES state (updates below
+        bfloat16's resolution accumulate) and cast them to bfloat16 for every forward pass.
       target_accuracy: stop once validation accuracy reaches this (``None``: never).
     """
 
@@ -54,7 +74,10 @@ class LLMConfig(RunConfig):
     digits: int = 2
     ops: str = "+"
     numbers: int = 3
+    min_number: int = 1
     max_number: int = 10
+    min_target: int = 1
+    max_target: int = 200
     gsm8k: str = ""
     lenient: bool = True
     format_weight: float = 0.0
@@ -72,12 +95,30 @@ class LLMConfig(RunConfig):
     chat: bool = True
     freeze_embeddings: bool = False
     val_size: int = 32
+    tune_size: int = 0
+    disjoint: bool = False
+    samples_per_prompt: int = 1
+    lr_convention: str = "esx"
+    lr_multipliers: str = ""
+    anchor_decay: float = 0.0
+    master_weights: bool = False
     target_accuracy: float | None = None
 
     def validate(self) -> None:
         super().validate()
         check_positive(self, ("population_size", "group_size", "prompts_per_member", "rank",
-                              "generations_per_prompt", "max_new_tokens", "val_size"))
+                              "generations_per_prompt", "max_new_tokens", "val_size", "samples_per_prompt",
+                              "numbers"))
+        if self.tune_size < 0:
+            raise ConfigError(f"tune_size={self.tune_size}; must be >= 0")
+        if not 1 <= self.min_number <= self.max_number or not 1 <= self.min_target <= self.max_target:
+            raise ConfigError(f"min_number={self.min_number}, max_number={self.max_number}, min_target="
+                              f"{self.min_target}, max_target={self.max_target}; need 1 <= min <= max for both")
+        if self.lr_convention not in ("esx", "paper"):
+            raise ConfigError(f"lr_convention={self.lr_convention!r}; valid conventions are ['esx', 'paper']")
+        if not 0.0 <= self.anchor_decay <= 1.0:
+            raise ConfigError(f"anchor_decay={self.anchor_decay}; must be in [0, 1] (a fraction per update)")
+        self.multipliers  # parses lr_multipliers
         if self.task not in LLM_TASKS and not (self.task.startswith("rg:") and len(self.task) > 3):
             close = difflib.get_close_matches(self.task, LLM_TASKS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -109,6 +150,32 @@ class LLMConfig(RunConfig):
         if text == "default":
             return tasks_lib.SYSTEM_PROMPT
         return None if text.lower() in ("none", "") else text
+
+    @property
+    def multipliers(self) -> dict[str, float]:
+        """``lr_multipliers`` as ``{glob pattern: factor}`` (:class:`ConfigError` for malformed text)."""
+        out = {}
+        for part in filter(None, (x.strip() for x in self.lr_multipliers.split(","))):
+            pattern, eq, value = part.rpartition("=")
+            try:
+                factor = float(value)
+            except ValueError:
+                factor = None
+            if not eq or not pattern.strip() or factor is None or not factor >= 0:
+                raise ConfigError(f"lr_multipliers={self.lr_multipliers!r}; expected 'pattern=factor,...' with "
+                                  "factors >= 0, e.g. 'embed=0.1,layers/w_*=2'")
+            out[pattern.strip()] = factor
+        return out
+
+    @property
+    def step_size(self) -> float:
+        """The learning rate handed to the optimizer: ``learning_rate``, converted from the paper's convention
+        (:func:`esx.paper_learning_rate`) when ``lr_convention="paper"`` and the optimizer is SGD."""
+        if self.lr_convention == "paper" and self.optimizer == "sgd":
+            from esx import paper_learning_rate
+
+            return paper_learning_rate(self.learning_rate, sigma=self.sigma, population_size=self.population_size)
+        return self.learning_rate
 
     def summary(self) -> str:
         return (f"{self.model} on {self.task}, EGGROLL N={self.population_size} (groups of {self.group_size}, "

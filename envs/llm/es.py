@@ -107,17 +107,56 @@ def evaluate_model(params: Any, *, cfg: model_lib.LlamaConfig, tokenizer, task,
     return {"accuracy": float(np.mean(scores)), "format": float(np.mean(fmts)), "samples": samples}
 
 
+def pass_at_k(n, c, k: int) -> np.ndarray:
+    """The unbiased pass@k estimate ``1 - C(n - c, k) / C(n, k)`` from ``n`` samples of which ``c`` are correct.
+
+    Args:
+      n, c: integers or integer arrays of one shape (``0 <= c <= n``, ``n >= k``).
+      k: the number of attempts (``1 <= k``).
+
+    Returns:
+      ``float64`` of the shape of ``n`` and ``c``: the probability that at least one of ``k`` samples drawn without
+      replacement from the ``n`` is correct (1 when ``n - c < k``), computed as the product
+      ``1 - Π_{i = n-c+1}^{n} (1 - k / i)`` (no large binomials).
+    """
+    n, c = np.broadcast_arrays(np.asarray(n, np.int64), np.asarray(c, np.int64))
+    if k < 1 or np.any(n < k) or np.any(c < 0) or np.any(c > n):
+        raise ValueError(f"pass_at_k: need 1 <= k <= n and 0 <= c <= n (k={k})")
+    out = np.empty(n.shape, np.float64)
+    for idx in np.ndindex(n.shape):
+        ni, ci = int(n[idx]), int(c[idx])
+        out[idx] = 1.0 if ni - ci < k else 1.0 - float(np.prod(1.0 - k / np.arange(ni - ci + 1, ni + 1)))
+    return out
+
+
 def make_rollout_fitness(cfg: model_lib.LlamaConfig, options: model_lib.GenerateOptions, *,
-                         temperature: float = 0.0):
+                         temperature: float = 0.0, compute_dtype=None):
     """An esx fitness function ``(view, key, (ids, mask)) -> (0.0, (tokens int32[B, T], lengths int32[B]))``.
 
     Rewards come from host-side verifiers, so the returned scalar is a placeholder and the generated tokens are
-    the ``aux`` output of ``strategy.evaluate(..., has_aux=True)``."""
+    the ``aux`` output of ``strategy.evaluate(..., has_aux=True)``. ``compute_dtype`` (e.g. ``bfloat16`` over
+    float32 master weights): the member view is cast to it first (:func:`model.cast_params`)."""
     def fitness(view, key, data):
         ids, mask = data
+        if compute_dtype is not None:
+            view = model_lib.cast_params(view, compute_dtype)
         out, lengths = model_lib.generate(view, ids, mask, key, cfg=cfg, options=options, temperature=temperature)
         return jnp.zeros((), jnp.float32), (out, lengths)
     return fitness
+
+
+def make_optimizer(config: LLMConfig) -> optax.GradientTransformation:
+    """The optimizer of an :class:`~esx_envs.llm.config.LLMConfig`: SGD or Adam at ``config.step_size``, then
+    :func:`esx.scale_by_path` (``lr_multipliers``) and :func:`esx.anchored_weight_decay` (``anchor_decay``) when
+    set (without them it is the bare SGD / Adam transformation)."""
+    lr = config.step_size
+    opt = optax.sgd(lr) if config.optimizer == "sgd" else optax.adam(lr)
+    extra = []
+    if config.multipliers:
+        extra.append(esx.scale_by_path(config.multipliers))
+    if config.anchor_decay:
+        extra.append(esx.anchored_weight_decay(config.anchor_decay))
+    return optax.chain(opt, *extra) if extra else opt
 
 
 class ESTrainer:
@@ -145,16 +184,20 @@ class ESTrainer:
         self.options = model_lib.GenerateOptions(
             max_new_tokens=config.max_new_tokens, stop_ids=tuple(tokenizer.stop_ids),
             stop_sequences=tokenizer.stop_sequences([tasks_lib.ANSWER_STOP]), pad_id=tokenizer.pad_id)
-        opt = optax.sgd(config.learning_rate) if config.optimizer == "sgd" else optax.adam(config.learning_rate)
+        opt = make_optimizer(config)
+        #: the dtype of the forward passes over float32 master weights (``None``: the parameters' own)
+        self.compute_dtype = jnp.bfloat16 if config.master_weights and config.dtype == "bfloat16" else None
         if member_batch is None and isinstance(config.member_batch, int):
             member_batch = config.member_batch
         self.strategy = esx.eggroll(
             population_size=config.population_size, sigma=config.sigma, optimizer=opt, rank=config.rank,
             group_size=config.group_size, shaping="group_z_score",
             labels=model_lib.labels(cfg, freeze_embeddings=config.freeze_embeddings), member_batch=member_batch)
-        self.state = self.strategy.init(stream_key(jax.random.key(seed), "noise"), params) if init_state else None
+        self.state = (self.strategy.init(stream_key(jax.random.key(seed), "noise"), self.master(params))
+                      if init_state else None)
         self.n_groups = config.population_size // config.group_size
-        fitness = self.fitness = make_rollout_fitness(cfg, self.options, temperature=config.temperature)
+        fitness = self.fitness = make_rollout_fitness(cfg, self.options, temperature=config.temperature,
+                                                      compute_dtype=self.compute_dtype)
         strategy = self.strategy
 
         def rollout(state, ids, mask, key):
@@ -179,6 +222,11 @@ class ESTrainer:
     def params(self):
         return self.state.params
 
+    def master(self, params: Any) -> Any:
+        """The parameters the ES state keeps: float32 copies with ``master_weights`` over a bfloat16 model (exact:
+        every bfloat16 value is a float32 value), else ``params`` as they are."""
+        return params if self.compute_dtype is None else model_lib.cast_params(params, jnp.float32)
+
     def problems_for(self, generation: int) -> list:
         """The ``n_groups · prompts_per_member`` problems of ``generation`` (a pure function of the seed and
         ``generation // generations_per_prompt``)."""
@@ -191,34 +239,49 @@ class ESTrainer:
         the seed and ``generation``). Returns the new state and metrics: ``rewards`` ``float32[N]`` (each member's
         fitness), ``reward`` (mean), ``score`` (mean task score), ``format``, ``fitness_std``, ``grad_norm``, the
         population diagnostics of :class:`esx.Metrics` (``tie_fraction``, ``flat_group_fraction``, ...),
-        ``sigma``, ``seconds``, ``tokens`` (generated this generation), ``sample`` (member 0's first text)."""
+        ``sigma``, ``seconds``, ``tokens`` (generated this generation), ``token_passes`` (model token-passes:
+        every member's prompt tokens, padding excluded, plus its generated tokens), ``pass_at_1`` and
+        ``pass_at_k`` (:func:`pass_at_k` over each member's ``samples_per_prompt`` answers to each prompt, averaged;
+        a sample is correct when its task score is 1), ``sample`` (member 0's first text) and ``texts``
+        (``[N][prompts_per_member · samples_per_prompt]``, each prompt's samples consecutive)."""
         c = self.config
         t0 = time.perf_counter()
         problems = self.problems_for(generation)
         ids, mask = self._encode(problems)
+        k = c.samples_per_prompt
         shape = (self.n_groups, c.prompts_per_member, ids.shape[1])
+        ids_g, mask_g = ids.reshape(shape), mask.reshape(shape)
+        if k > 1:   # each prompt k times in a row: the k samples of one (member, prompt)
+            ids_g, mask_g = np.repeat(ids_g, k, axis=1), np.repeat(mask_g, k, axis=1)
         key = stream_key(jax.random.key(self.seed), "data", generation)
-        out, lengths = self._rollout(state, jnp.asarray(ids.reshape(shape)), jnp.asarray(mask.reshape(shape)), key)
-        out, lengths = np.asarray(out), np.asarray(lengths)  # [N, B, T], [N, B]
+        out, lengths = self._rollout(state, jnp.asarray(ids_g), jnp.asarray(mask_g), key)
+        out, lengths = np.asarray(out), np.asarray(lengths)  # [N, B k, T], [N, B k]
         texts = decode_completions(self.tokenizer, out, lengths)
         N, B = c.population_size, c.prompts_per_member
-        rewards = np.zeros((N, B), np.float32)
-        scores = np.zeros((N, B), np.float32)
-        fmts = np.zeros((N, B), np.float32)
+        rewards = np.zeros((N, B, k), np.float32)
+        scores = np.zeros((N, B, k), np.float32)
+        fmts = np.zeros((N, B, k), np.float32)
         for m in range(N):
             for b in range(B):
                 p = problems[(m // c.group_size) * B + b]
-                t = texts[m * B + b]
-                rewards[m, b] = self.reward_fn(p, t)
-                scores[m, b] = self.task.score(p, t)
-                fmts[m, b] = tasks_lib.format_reward(t)
-        fitness = rewards.mean(axis=1)
+                for j in range(k):
+                    t = texts[(m * B + b) * k + j]
+                    rewards[m, b, j] = self.reward_fn(p, t)
+                    scores[m, b, j] = self.task.score(p, t)
+                    fmts[m, b, j] = tasks_lib.format_reward(t)
+        fitness = rewards.reshape(N, B * k).mean(axis=1)
+        correct = (scores >= 1.0).sum(axis=2)
         state, metrics = self._tell(state, jnp.asarray(fitness))
+        token_passes = c.group_size * k * int(mask.sum()) + int(lengths.sum())
         return state, {"rewards": fitness, "reward": float(fitness.mean()), "score": float(scores.mean()),
                        "format": float(fmts.mean()), "fitness_std": float(metrics.fitness_std),
                        "grad_norm": float(metrics.grad_norm), "sigma": float(metrics.sigma),
-                       **{k: np.asarray(getattr(metrics, k)).item() for k in esx.base.DIAGNOSTICS},
-                       "tokens": int(lengths.sum()), "seconds": time.perf_counter() - t0, "sample": texts[0]}
+                       **{name: np.asarray(getattr(metrics, name)).item() for name in esx.base.DIAGNOSTICS},
+                       "pass_at_1": float(pass_at_k(k, correct, 1).mean()),
+                       "pass_at_k": float(pass_at_k(k, correct, k).mean()),
+                       "tokens": int(lengths.sum()), "token_passes": token_passes,
+                       "seconds": time.perf_counter() - t0, "sample": texts[0],
+                       "texts": [texts[m * B * k:(m + 1) * B * k] for m in range(N)]}
 
     def step(self) -> dict:
         """One generation on :attr:`state`. Returns :meth:`run_generation`'s metrics (without ``rewards``) and the
@@ -226,12 +289,15 @@ class ESTrainer:
         self.state, m = self.run_generation(self.state, self.generation)
         self.generation += 1
         m.pop("rewards")
+        m.pop("texts")
         return {"generation": self.generation, **m}
 
     def validate(self, problems: Sequence[tasks_lib.Problem], *, batch_size: int = 16, params: Any = None) -> dict:
         """Greedy accuracy of ``params`` (default: the current unperturbed parameters) (:func:`evaluate_model`)."""
         options = dataclasses.replace(self.options)
         params = self.state.params if params is None else params
+        if self.compute_dtype is not None:
+            params = model_lib.cast_params(params, self.compute_dtype)
         return evaluate_model(params, cfg=self.cfg, tokenizer=self.tokenizer, task=self.task,
                               problems=problems, options=options, batch_size=batch_size, chat=self.config.chat,
                               system=self.config.system)

@@ -12,7 +12,14 @@ One step (:meth:`GRPOTrainer.step`):
        L = -1/M Σ_seq 1/|y| Σ_t min(ρ_t A, clip(ρ_t, 1 - ε, 1 + ε) A)
 
    over the completion tokens only (per-sequence token mean, then mean over sequences, as in the GRPO paper; no KL
-   term, ``π_old`` is the sampling policy).
+   term, ``π_old`` is the sampling policy). With ``inner_steps=1`` (on-policy) ``log π_old`` is the training
+   forward's own log-probabilities behind a stop-gradient (``ρ = 1``, the same gradient without a separate scoring
+   pass); with more inner steps it is one extra forward before the first update.
+
+Token-passes (the compute budget of the head-to-head with ES, docs/llm.md): every token of every sampled
+sequence, prompt (padding excluded) and completion, counts 1 forward when it is sampled, 1 when it is scored for
+``log π_old`` (``inner_steps > 1`` only) and 3 per optimizer step (a forward, and a backward counted as 2);
+:meth:`GRPOTrainer.step` returns the step's ``gen_token_passes`` and the running ``token_passes``.
 
 Memory: backpropagation through ``M = prompts_per_step · group_size`` sequences of ``P + T`` tokens; the logits
 alone are ``M (P + T) V`` floats (SmolLM2: 32 × 96 × 49152 × 4 bytes ≈ 0.6 GB), activations ``O(L M (P + T) F)``.
@@ -111,6 +118,14 @@ def _loss_and_grad(params, tokens, mask, completion_mask, old_logp, advantages, 
     return jax.value_and_grad(loss_fn)(params)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "clip_eps"))
+def _loss_and_grad_on_policy(params, tokens, mask, completion_mask, advantages, *, cfg, clip_eps):
+    def loss_fn(p):
+        logp = model_lib.token_logprobs(p, tokens, cfg=cfg, mask=mask)
+        return clipped_objective(logp, jax.lax.stop_gradient(logp), advantages, completion_mask, clip_eps=clip_eps)
+    return jax.value_and_grad(loss_fn)(params)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _logprobs(params, tokens, mask, *, cfg):
     return model_lib.token_logprobs(params, tokens, cfg=cfg, mask=mask)
@@ -134,13 +149,16 @@ class GRPOTrainer:
         self._apply = jax.jit(self._apply_impl)
         self._prompt_length: int | None = None
         self.generation = 0
+        #: model token-passes so far (see the module docstring)
+        self.token_passes = 0
 
     def _apply_impl(self, params, opt_state, grads):
         updates, opt_state = self.optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
     def step(self) -> dict:
-        """One GRPO step. Returns ``reward``, ``score``, ``format``, ``loss``, ``seconds``, ``tokens``."""
+        """One GRPO step. Returns ``reward``, ``score``, ``format``, ``loss``, ``seconds``, ``tokens`` (generated),
+        ``gen_token_passes`` (this step's model token-passes) and ``token_passes`` (their running sum)."""
         c = self.config
         t0 = time.perf_counter()
         problems = self.task.sample(self.rng, c.prompts_per_step)
@@ -169,15 +187,24 @@ class GRPOTrainer:
         full_mask = jnp.asarray(np.concatenate([mask, gen_mask], axis=1))
         # targets are tokens[:, 1:]; completion targets start at column P - 1
         comp_mask = jnp.asarray(np.concatenate([np.zeros_like(mask[:, 1:]), gen_mask], axis=1))
-        old_logp = _logprobs(self.params, tokens, full_mask, cfg=self.cfg)
         loss = jnp.zeros(())
-        for _ in range(c.inner_steps):
-            loss, grads = _loss_and_grad(self.params, tokens, full_mask, comp_mask, old_logp, adv, cfg=self.cfg,
-                                         clip_eps=c.clip_eps)
+        if c.inner_steps == 1:
+            loss, grads = _loss_and_grad_on_policy(self.params, tokens, full_mask, comp_mask, adv, cfg=self.cfg,
+                                                   clip_eps=c.clip_eps)
             self.params, self.opt_state = self._apply(self.params, self.opt_state, grads)
+        else:
+            old_logp = _logprobs(self.params, tokens, full_mask, cfg=self.cfg)
+            for _ in range(c.inner_steps):
+                loss, grads = _loss_and_grad(self.params, tokens, full_mask, comp_mask, old_logp, adv,
+                                             cfg=self.cfg, clip_eps=c.clip_eps)
+                self.params, self.opt_state = self._apply(self.params, self.opt_state, grads)
+        seq = int(mask.sum()) + int(lengths.sum())   # prompt (unpadded) + completion tokens of every sequence
+        passes = seq * (1 + (1 if c.inner_steps > 1 else 0) + 3 * c.inner_steps)
+        self.token_passes += passes
         self.generation += 1
         return {"generation": self.generation, "reward": float(rewards.mean()), "score": float(scores.mean()),
                 "format": float(fmts.mean()), "loss": float(loss), "tokens": int(lengths.sum()),
+                "gen_token_passes": passes, "token_passes": self.token_passes,
                 "seconds": time.perf_counter() - t0, "sample": completions[0]}
 
     def validate(self, problems: Sequence[tasks_lib.Problem], *, batch_size: int = 16) -> dict:

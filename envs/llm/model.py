@@ -133,6 +133,22 @@ def labels(cfg: LlamaConfig, *, freeze_embeddings: bool = False) -> dict[str, st
     return out
 
 
+def cast_params(params: Any, dtype) -> Any:
+    """``params`` (plain arrays or an EGGROLL member view) with every floating array in ``dtype``: the compute copy
+    of float32 master weights. A :class:`esx.LowRank` leaf casts ``base``, ``a`` and ``b``, an :class:`esx.Full`
+    leaf ``base`` and ``eps``; the coefficients ``σ s`` stay float32, as in a view of parameters stored in
+    ``dtype``."""
+    def cast(x):
+        if isinstance(x, esx.LowRank):
+            return esx.LowRank(x.base.astype(dtype), x.a.astype(dtype), x.b.astype(dtype), x.coef)
+        if isinstance(x, esx.Full):
+            return esx.Full(x.base.astype(dtype), x.eps.astype(dtype), x.coef)
+        x = jnp.asarray(x)
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    return jax.tree_util.tree_map(cast, params, is_leaf=lambda x: isinstance(x, (esx.LowRank, esx.Full)))
+
+
 def check_params(params: Params, cfg: LlamaConfig) -> None:
     """Raises ``ValueError`` naming the first parameter whose presence or shape does not match ``cfg``."""
     ref = jax.eval_shape(lambda: init_params(jax.random.key(0), cfg))

@@ -7,12 +7,21 @@ accuracy of the unperturbed model on ``val_size`` held-out problems. Problems an
 derive from the seed and ``g`` only, so an interrupted run resumed from its checkpoint continues exactly.
 
 Per-generation records: ``reward_mean/_max/_min/_std`` (member fitness = mean reward over its prompts), ``score``
-(mean task score), ``format`` (mean format reward), ``tokens`` (generated), ``seconds``; evaluations:
-``val_accuracy``, ``val_format`` (and three sample completions in the final one).
+(mean task score), ``format`` (mean format reward), ``pass_at_1`` / ``pass_at_k`` (``k = samples_per_prompt``),
+``tokens`` (generated), ``gen_token_passes`` (model token-passes of the generation: prompt tokens without padding
+plus generated tokens, per member and sample) and ``token_passes`` (their running sum since generation 0, kept by
+the runner across resumes), ``seconds``; evaluations: ``val_accuracy``, ``val_format``, ``tune_accuracy`` (with
+``tune_size``), ``token_passes`` (and three sample completions in the final one).
+
+Held-out problems: :func:`validation_problems` and :func:`tuning_problems`, fixed by the seed; with ``disjoint``
+the problem space is split by a hash of the question (:func:`problem_split`) and training draws only from its
+own part (:class:`SplitTask`), so neither held-out set is ever trained on.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import random
 from typing import Any, NamedTuple
 
@@ -39,7 +48,10 @@ class LLMMetrics(NamedTuple):
     generation: Any
     score: Any
     format: Any
+    pass_at_1: Any
+    pass_at_k: Any
     tokens: Any
+    gen_token_passes: Any
     seconds: Any
     tie_fraction: Any
     flat_group_fraction: Any
@@ -65,15 +77,58 @@ def make_task(config):
     task fields)."""
     if config.task.startswith("rg:"):
         return tasks.get_task(config.task, strict=not config.lenient)
-    options = {"countdown": dict(num_numbers=config.numbers, max_number=config.max_number),
+    options = {"countdown": dict(num_numbers=config.numbers, min_number=getattr(config, "min_number", 1),
+                                 max_number=config.max_number, min_target=getattr(config, "min_target", 1),
+                                 max_target=getattr(config, "max_target", 200), strict=not config.lenient),
                "gsm8k": dict(path=config.gsm8k or None, strict=not config.lenient)}.get(
         config.task, dict(digits=config.digits, ops=config.ops, strict=not config.lenient))
     return tasks.get_task(config.task, **options)
 
 
-def validation_problems(task, seed: int, n: int) -> list:
-    """The fixed held-out problems of a run (drawn from a stream the training problems never use)."""
-    return task.sample(random.Random(10_000 + seed), n)
+#: the parts of the problem space with ``disjoint``: hash bucket (of 20) -> split (5% each held-out split).
+SPLITS = {0: "val", 1: "tune"}
+
+
+def problem_split(problem) -> str:
+    """``"val"``, ``"tune"`` or ``"train"``: the part of the problem space ``problem`` belongs to, from the sha256
+    of its question text (5%, 5%, 90%; independent of the seed, the sizes and the order of drawing)."""
+    bucket = int.from_bytes(hashlib.sha256(problem.question.encode()).digest()[:8], "big") % 20
+    return SPLITS.get(bucket, "train")
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitTask:
+    """``task`` restricted to one part of the problem space (:func:`problem_split`): ``sample`` draws from
+    ``task`` and keeps only problems of ``split`` (rejection; the RNG advances over the rejected draws too),
+    ``score`` is ``task``'s."""
+
+    task: Any
+    split: str
+
+    @property
+    def name(self) -> str:
+        return self.task.name
+
+    def sample(self, rng: random.Random, n: int) -> list:
+        out = []
+        while len(out) < n:
+            out += [p for p in self.task.sample(rng, n - len(out)) if problem_split(p) == self.split]
+        return out
+
+    def score(self, problem, completion: str) -> float:
+        return self.task.score(problem, completion)
+
+
+def validation_problems(task, seed: int, n: int, *, disjoint: bool = False) -> list:
+    """The fixed held-out problems of a run (drawn from a stream the training problems never use; with
+    ``disjoint`` only from the validation part of the problem space, which training never draws from)."""
+    return (SplitTask(task, "val") if disjoint else task).sample(random.Random(10_000 + seed), n)
+
+
+def tuning_problems(task, seed: int, n: int, *, disjoint: bool = False) -> list:
+    """The fixed tuning problems of a run (stream ``20_000 + seed``; with ``disjoint`` only from the tuning part of
+    the problem space, disjoint from both the validation and the training problems)."""
+    return (SplitTask(task, "tune") if disjoint else task).sample(random.Random(20_000 + seed), n)
 
 
 @functools.lru_cache(maxsize=2)
@@ -89,7 +144,8 @@ def _model(core: LLMConfig):
 @functools.lru_cache(maxsize=2)
 def _parts(core: LLMConfig, member_batch: int | None = None):
     cfg, params, tok, task, prompt_length = _model(core)
-    trainer = es.ESTrainer(cfg=cfg, params=params, tokenizer=tok, task=task, config=core, seed=core.seed,
+    train_task = SplitTask(task, "train") if core.disjoint else task
+    trainer = es.ESTrainer(cfg=cfg, params=params, tokenizer=tok, task=train_task, config=core, seed=core.seed,
                            prompt_length=prompt_length, init_state=False, member_batch=member_batch)
     return cfg, params, tok, task, trainer
 
@@ -102,7 +158,7 @@ def _member_batch(config: LLMConfig) -> MemoryPlan:
     core = core_config(config)
     _, params, _, _, trainer = _parts(core)
     run_key = jax.random.key(config.seed)
-    state = jax.eval_shape(trainer.strategy.init, stream_key(run_key, "noise"), params)
+    state = jax.eval_shape(trainer.strategy.init, stream_key(run_key, "noise"), trainer.master(params))
     shape = (trainer.n_groups, config.prompts_per_member, trainer._prompt_length)
     data = (jax.ShapeDtypeStruct(shape, jnp.int32), jax.ShapeDtypeStruct(shape, jnp.bool_))
     return choose_member_batch(config, trainer.strategy, state, trainer.fitness, stream_key(run_key, "data", 0),
@@ -113,36 +169,42 @@ def llm_setup(config: LLMConfig) -> Setup:
     """The :class:`esx.run.Setup` of an :class:`~esx_envs.llm.config.LLMConfig`."""
     plan = _member_batch(config)
     cfg, params, tok, task, trainer = _parts(core_config(config), plan.member_batch)
-    val = validation_problems(task, config.seed, config.val_size)
+    val = validation_problems(task, config.seed, config.val_size, disjoint=config.disjoint)
+    tune = tuning_problems(task, config.seed, config.tune_size, disjoint=config.disjoint) if config.tune_size else []
 
     def initial_state():
         run_key = jax.random.key(config.seed)
-        return RunState(trainer.strategy.init(stream_key(run_key, "noise"), params), None, run_key)
+        return RunState(trainer.strategy.init(stream_key(run_key, "noise"), trainer.master(params)), None, run_key)
 
     def generation(state):
         g = state.generation
         es_state, m = trainer.run_generation(state.es, g)
         r = m["rewards"]
         metrics = LLMMetrics(float(r.mean()), m["fitness_std"], float(r.max()), float(r.min()), m["grad_norm"],
-                             m["sigma"], g, m["score"], m["format"], m["tokens"], m["seconds"],
+                             m["sigma"], g, m["score"], m["format"], m["pass_at_1"], m["pass_at_k"], m["tokens"],
+                             m["token_passes"], m["seconds"],
                              *(m[k] for k in DIAGNOSTICS))
         return RunState(es_state, None, state.key), metrics
 
     def evaluate(state, final: bool):
         v = trainer.validate(val, params=state.es.params)
         out = {"val_accuracy": v["accuracy"], "val_format": v["format"]}
+        if tune:
+            out["tune_accuracy"] = trainer.validate(tune, params=state.es.params)["accuracy"]
         if final:
             out["samples"] = v["samples"]
         return out, None
 
     def train_extra(m, i):
-        return {"score": float(m.score[i]), "format": float(m.format[i]), "tokens": int(m.tokens[i]),
-                "seconds": float(m.seconds[i])}
+        return {"score": float(m.score[i]), "format": float(m.format[i]), "pass_at_1": float(m.pass_at_1[i]),
+                "pass_at_k": float(m.pass_at_k[i]), "tokens": int(m.tokens[i]),
+                "gen_token_passes": int(m.gen_token_passes[i]), "seconds": float(m.seconds[i])}
 
     return Setup(config, trainer.strategy, host_chunk(generation), initial_state, evaluate,
                  score="val_accuracy", higher_is_better=True, target=config.target_accuracy,
                  fitness_name="reward", train_extra=train_extra, plot_keys=("reward_mean", "score"),
-                 ylabel="reward / accuracy", memory=plan)
+                 ylabel="reward / accuracy", memory=plan, cumulative={"token_passes": "gen_token_passes"})
 
 
-__all__ = ["LLMMetrics", "llm_setup", "load_model", "make_task", "validation_problems"]
+__all__ = ["LLMMetrics", "SPLITS", "SplitTask", "llm_setup", "load_model", "make_task", "problem_split",
+           "tuning_problems", "validation_problems"]

@@ -47,7 +47,9 @@ one side is an expression and whose other side is the target written as a plain 
 most once; each exactly once when ``use_all``, the default), written as plain integers without leading zeros, with
 ``+ - * /``, parentheses and spaces (any ASCII whitespace around each side) -- no unary minus, powers, decimals or
 implicit multiplication -- and is evaluated with the usual precedence, exactly (``Fraction``); its value must equal
-the target.
+the target. **Lenient mode** (``strict=False``): a completion *without any answer tag* is read by its last run of
+the characters ``0-9 + - * / ( ) = space`` that contains a digit (:func:`last_equation`; ``"the equation
+10 = 4 + 6."`` gives ``10 = 4 + 6``), checked by the same rules; malformed tags score 0.
 
 **reasoning-gym** (:class:`ReasoningGym`). The answer is the answer section (lenient: the last non-empty line of a
 completion without any answer tag); a malformed completion scores 0. The answer must not contain control or
@@ -411,8 +413,9 @@ _TARGET_LITERAL_RE = re.compile(r"0|[1-9][0-9]*")
 class Countdown:
     """Countdown: combine the given numbers with ``+ - * /`` (each exactly once) to reach the target.
 
-    The generator draws ``num_numbers`` integers in ``[1, max_number]`` and a target reached by a random expression
-    over all of them that stays a positive integer, so every problem is solvable. The answer is an expression, or an
+    The generator draws ``num_numbers`` integers in ``[min_number, max_number]`` and a target in
+    ``[min_target, max_target]`` reached by a random expression over all of them that stays a positive integer (a
+    draw whose target falls outside is drawn again), so every problem is solvable. The answer is an expression, or an
     equation whose other side is the target (``expr = 24`` or ``24 = expr``); see :meth:`check` and the module
     docstring. ``unary_minus`` additionally accepts a unary minus (off: the game combines the given numbers only).
     """
@@ -420,14 +423,17 @@ class Countdown:
     num_numbers: int = 3
     max_number: int = 20
     max_target: int = 200
+    min_number: int = 1
+    min_target: int = 1
     use_all: bool = True
     unary_minus: bool = False
     name: str = "countdown"
+    strict: bool = True
 
     def sample(self, rng: random.Random, n: int) -> list[Problem]:
         out = []
         while len(out) < n:
-            nums = [rng.randint(1, self.max_number) for _ in range(self.num_numbers)]
+            nums = [rng.randint(self.min_number, self.max_number) for _ in range(self.num_numbers)]
             order = nums[:]
             rng.shuffle(order)
             value, expr = Fraction(order[0]), str(order[0])
@@ -437,7 +443,7 @@ class Countdown:
                 if nv.denominator != 1 or nv <= 0:
                     op, nv = "+", value + x
                 value, expr = nv, f"({expr} {op} {x})"
-            if value > self.max_target:
+            if not self.min_target <= value <= self.max_target:
                 continue
             q = (f"Using the numbers {nums}, create an equation that equals {int(value)}. "
                  "You can use + - * / and each number exactly once.")
@@ -482,7 +488,24 @@ class Countdown:
         return value == target
 
     def score(self, problem: Problem, completion: str) -> float:
-        return float(self.check(extract_answer(completion), problem.meta["numbers"], problem.answer))
+        status, section = _answer_section(completion)
+        if status == _ABSENT and not self.strict:
+            section = last_equation(completion)
+        return float(self.check(section if status != _MALFORMED else None, problem.meta["numbers"],
+                                problem.answer))
+
+
+_EQUATION_RUN_RE = re.compile(r"[0-9+\-*/() =]+")
+
+
+def last_equation(text: str) -> str | None:
+    """The lenient Countdown answer of a completion without answer tags: its last run of the characters
+    ``0-9 + - * / ( ) = space`` that holds a digit, stripped of spaces (``None`` when there is none); then checked
+    by the same rules as an answer section."""
+    if not isinstance(text, str):
+        return None
+    runs = [r.strip(" ") for r in _EQUATION_RUN_RE.findall(text) if any(ch.isdigit() for ch in r)]
+    return runs[-1] if runs else None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,7 @@ engine's dependencies. The runner never imports a task; tasks (``esx_envs``) imp
 from esx.run.checkpoint import FORMAT_VERSION, CheckpointError, list_checkpoints, load_checkpoint, restore_run, \
     save_checkpoint
 from esx.run.config import ConfigError, RunConfig, apply_overrides, core_config, to_dict
-from esx.run.loop import Result, evaluate_run_summary, load_run, train
+from esx.run.loop import Result, evaluate_run_summary, load_best, load_run, train
 from esx.run.records import plot_learning_curve, read_metrics
 from esx.run.task import ENTRY_POINT_GROUP, MemoryPlan, RunState, Setup, choose_member_batch, chunk_capacity, \
     config_from_dict, data_key, device_chunk, eval_key, fitness_task, host_chunk, make_setup, task_class, task_classes
@@ -27,6 +27,6 @@ from esx.run.task import ENTRY_POINT_GROUP, MemoryPlan, RunState, Setup, choose_
 __all__ = ["ENTRY_POINT_GROUP", "FORMAT_VERSION", "CheckpointError", "ConfigError", "MemoryPlan", "Result",
            "RunConfig", "RunState", "Setup", "apply_overrides", "choose_member_batch", "chunk_capacity",
            "config_from_dict", "core_config", "data_key", "device_chunk", "eval_key", "evaluate_run_summary",
-           "fitness_task", "host_chunk", "list_checkpoints", "load_checkpoint", "load_run", "make_setup",
+           "fitness_task", "host_chunk", "list_checkpoints", "load_best", "load_checkpoint", "load_run", "make_setup",
            "plot_learning_curve", "read_metrics", "restore_run", "save_checkpoint", "task_class", "task_classes",
            "to_dict", "train"]

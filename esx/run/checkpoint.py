@@ -230,12 +230,14 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]))
 
 
-def save_checkpoint(run_dir: str | os.PathLike, state: RunState, config, run_id: str) -> Path:
+def save_checkpoint(run_dir: str | os.PathLike, state: RunState, config, run_id: str, *, keep: int = _KEEP,
+                    extra: dict | None = None) -> Path:
     """Writes ``state`` to ``run_dir/checkpoints/gen_<generation>`` atomically; keeps the previous one.
 
     The arrays go through orbax into a temporary folder together with ``meta.json`` (config, generation, run id,
-    a sha256 of the arrays); the folder is then renamed into place and checkpoints older than the last
-    ``2`` are removed. If anything fails, the temporary folder is removed and the existing checkpoints are untouched.
+    a sha256 of the arrays, and ``extra`` when given); the folder is then renamed into place and checkpoints older
+    than the last ``keep`` (default 2) are removed. If anything fails, the temporary folder is removed and the
+    existing checkpoints are untouched.
     """
     import orbax.checkpoint as ocp
 
@@ -249,7 +251,7 @@ def save_checkpoint(run_dir: str | os.PathLike, state: RunState, config, run_id:
         with _orbax_io(), ocp.PyTreeCheckpointer() as checkpointer:  # nothing of orbax left running after
             checkpointer.save(tmp / "state", {f"a{i:04d}": a for i, a in enumerate(arrays)})
         meta = {"format": FORMAT_VERSION, "generation": gen, "run_id": run_id, "config": to_dict(config),
-                "num_arrays": len(arrays), "sha256": _digest(arrays), "time": time.time()}
+                "num_arrays": len(arrays), "sha256": _digest(arrays), "time": time.time(), **(extra or {})}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
         if final.exists():
             shutil.rmtree(final)
@@ -257,7 +259,7 @@ def save_checkpoint(run_dir: str | os.PathLike, state: RunState, config, run_id:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(run_dir)[:-_KEEP]:
+    for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -57,6 +57,8 @@ class RunConfig:
         it to ``summary.json``.
       memory_budget: the bytes ``member_batch="auto"`` may plan for: an integer, or text such as ``"2GiB"``,
         ``"512MB"``, ``"1.5G"``; ``None`` (default): :func:`default_memory_budget` (half of the memory available).
+      keep_best: also keep the state of the best evaluation so far (by the task's score and direction; ties keep
+        the earlier one) in ``run_dir/best/`` (:func:`esx.run.load_best`); needs a run directory.
     """
 
     #: the job kind stored in ``config.json`` (a task's registered name; see :mod:`esx.run.task`).
@@ -64,7 +66,7 @@ class RunConfig:
     #: fields that may differ when a run is resumed (they do not change the training trajectory, or, for
     #: ``member_batch``, change the update only by float summation order: docs/hyperscale.md).
     RUN_CONTROL: ClassVar[frozenset] = frozenset({"generations", "eval_every", "chunk", "checkpoint_every",
-                                                  "minutes", "member_batch", "memory_budget"})
+                                                  "minutes", "member_batch", "memory_budget", "keep_best"})
 
     name: str = "custom"
     seed: int = 0
@@ -75,6 +77,7 @@ class RunConfig:
     minutes: float = 0.0
     member_batch: int | str | None = None
     memory_budget: int | str | None = None
+    keep_best: bool = False
 
     def __post_init__(self):
         self.validate()

@@ -11,7 +11,12 @@
 * full-state checkpoints (orbax; :mod:`esx.run.checkpoint`) every ``checkpoint_every`` generations, at the end, on
   Ctrl-C / SIGTERM and when the ``minutes`` budget runs out;
 * ``train(task, run_dir, resume=True)`` continues from the newest checkpoint and ends bit-identical to an
-  uninterrupted run.
+  uninterrupted run;
+* with the config's ``keep_best``, the state of the best evaluation so far (the task's ``score``, strictly better
+  than every earlier one) is kept in ``run_dir/best/`` (:func:`load_best`), next to ``best.json`` (its generation
+  and score);
+* running sums of per-generation fields (``Setup.cumulative``, e.g. the LLM task's model token-passes) in every
+  record, carried across resumes.
 
 The runner never names a task: it is handed a :class:`~esx.run.Setup` (or a config whose ``setup()`` builds one),
 and :func:`load_run` finds a run directory's task through the ``esx.tasks`` entry points.
@@ -34,7 +39,7 @@ import numpy as np
 
 from esx.base import DIAGNOSTICS
 from esx.run import records as records_lib
-from esx.run.checkpoint import CheckpointError, restore_run, save_checkpoint
+from esx.run.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, restore_run, save_checkpoint
 from esx.run.config import to_dict
 from esx.run.records import jsonable
 from esx.run.task import RunState, Setup, chunk_capacity, config_from_dict, make_setup
@@ -73,7 +78,9 @@ class Result:
 
 
 
-def _train_records(setup: Setup, m, n: int, now: float) -> list[dict]:
+def _train_records(setup: Setup, m, n: int, now: float, totals: dict) -> list[dict]:
+    """The train records of a chunk of ``n`` generations; ``totals`` (the running sums of ``setup.cumulative``)
+    is advanced and written into each."""
     name = setup.fitness_name
     diagnostics = [k for k in DIAGNOSTICS if hasattr(m, k)]
     out = []
@@ -87,6 +94,9 @@ def _train_records(setup: Setup, m, n: int, now: float) -> list[dict]:
             rec[k] = bool(v) if v.dtype == bool else float(v)
         if setup.train_extra is not None:
             rec.update(setup.train_extra(m, i))
+        for name, field in setup.cumulative.items():
+            totals[name] += rec[field]
+            rec[name] = totals[name]
         rec["wall_time"] = now
         out.append(rec)
     return out
@@ -163,10 +173,13 @@ def train(task, run_dir: str | os.PathLike | None = None, *, resume: bool = Fals
         if run_path is not None:
             save_checkpoint(run_path, s, config, run_id)
 
+    totals, keeper = _resumed_totals(setup, run_path, resume), _BestKeeper(setup, run_path, run_id, resume)
+
     def evaluation(s: RunState) -> float:
         summary, _ = setup.evaluate(s, False)
-        emit({"kind": "eval", "generation": s.generation, **jsonable(summary),
+        emit({"kind": "eval", "generation": s.generation, **jsonable(summary), **totals,
               "wall_time": time.perf_counter() - t_start})
+        keeper.offer(s, float(summary[setup.score]), totals)
         return summary[setup.score]
 
     bar = None
@@ -192,7 +205,7 @@ def train(task, run_dir: str | os.PathLike | None = None, *, resume: bool = Fals
             new_state, metrics = setup.run_chunk(state, n)
             m = jax.device_get(metrics)
             state = new_state
-            for rec in _train_records(setup, m, n, time.perf_counter() - t_start):
+            for rec in _train_records(setup, m, n, time.perf_counter() - t_start, totals):
                 best = max(best, rec[f"{setup.fitness_name}_max"])
                 emit(rec)
             gen = state.generation
@@ -234,7 +247,7 @@ def train(task, run_dir: str | os.PathLike | None = None, *, resume: bool = Fals
             checkpoint(state)
         final, final_values = setup.evaluate(state, True)
         final_score = float(final[setup.score])
-        emit({"kind": "final", "generation": state.generation, **jsonable(final),
+        emit({"kind": "final", "generation": state.generation, **jsonable(final), **totals,
               "wall_time": time.perf_counter() - t_start})
         if out_of_time:
             log(f"minutes={config.minutes:g} used up at generation {state.generation}; checkpoint saved, "
@@ -247,6 +260,63 @@ def train(task, run_dir: str | os.PathLike | None = None, *, resume: bool = Fals
                        out_of_time, plot_x, memory)
     return Result(state, run_path, final, final_score, final_values, reached, time_to_target, wall, interrupted,
                   out_of_time, records)
+
+
+#: the folder of a run directory that holds the best evaluation's state (``keep_best``).
+BEST_DIR = "best"
+
+
+def _resumed_totals(setup: Setup, run_path: Path | None, resume: bool) -> dict:
+    """The running sums of ``setup.cumulative`` at the starting generation: with ``resume``, those of the last train
+    record left after the resume truncated the logs (0 when there is none)."""
+    totals = dict.fromkeys(setup.cumulative, 0)
+    if not resume or run_path is None or not setup.cumulative:
+        return totals
+    train = [r for r in records_lib.read_metrics(run_path) if r["kind"] == "train"]
+    if train:
+        totals.update({k: train[-1][k] for k in totals if k in train[-1]})
+    return totals
+
+
+class _BestKeeper:
+    """``keep_best``: saves the state of each evaluation strictly better than every earlier one (the kept score
+    is read back on resume) to ``run_dir/best/`` with ``best.json``; does nothing without the flag or a run dir."""
+
+    def __init__(self, setup: Setup, run_path: Path | None, run_id: str, resume: bool):
+        self.setup, self.run_path, self.run_id = setup, run_path, run_id
+        self.on = bool(getattr(setup.config, "keep_best", False)) and run_path is not None
+        self.value = None
+        path = run_path / BEST_DIR / "best.json" if self.on else None
+        if resume and self.on and path.exists() and list_checkpoints(run_path / BEST_DIR):
+            self.value = float(json.loads(path.read_text())["value"])
+
+    def offer(self, state: RunState, value: float, totals: dict) -> None:
+        better = self.value is None or (value > self.value if self.setup.higher_is_better else value < self.value)
+        if not self.on or not better:
+            return
+        self.value = value
+        folder = self.run_path / BEST_DIR
+        save_checkpoint(folder, state, self.setup.config, self.run_id, keep=1,
+                        extra={"score": self.setup.score, "value": value})
+        (folder / "best.json").write_text(json.dumps(
+            {"generation": state.generation, "score": self.setup.score, "value": value, **totals}, indent=1))
+
+
+def load_best(run_dir: str | os.PathLike, setup: Setup | None = None, *,
+              default_kind: str | None = None) -> tuple[Setup, RunState, dict]:
+    """The setup, the state of the best evaluation (kept by ``keep_best``) and ``best.json`` (``generation``,
+    ``score``, ``value``) of a run directory (arguments as :func:`load_run`).
+
+    Raises:
+      CheckpointError: the run kept no best state (``keep_best`` was off, or no evaluation ran).
+    """
+    run_dir = Path(run_dir)
+    ckpts = list_checkpoints(run_dir / BEST_DIR)
+    if not ckpts:
+        raise CheckpointError(f"{run_dir} has no best state (train with keep_best=True)")
+    setup, _ = load_run(run_dir, setup, default_kind=default_kind)
+    state, _ = load_checkpoint(ckpts[-1], setup.initial_state())
+    return setup, state, json.loads((run_dir / BEST_DIR / "best.json").read_text())
 
 
 def _open_run(setup: Setup, run_path: Path | None, resume: bool, log: Callable[[str], None]):
@@ -337,4 +407,4 @@ def evaluate_run_summary(run_dir: str | os.PathLike, setup: Setup | None = None,
     return setup, state, summary
 
 
-__all__ = ["Result", "evaluate_run_summary", "load_run", "train"]
+__all__ = ["BEST_DIR", "Result", "evaluate_run_summary", "load_best", "load_run", "train"]

@@ -87,6 +87,9 @@ class Setup:
       parts: task-specific pieces for the task's own tools (RL: adapter, policy, fitness, evaluators).
       memory: the :class:`MemoryPlan` of the task's ``member_batch`` (:func:`choose_member_batch`), or ``None``;
         the runner prints its estimate at the start (``member_batch="auto"``) and writes it to ``summary.json``.
+      cumulative: ``{name: per-generation field}``: the runner adds ``name``, the running sum of that field of the
+        train records since generation 0 (carried across resumes through ``metrics.jsonl``), to every train,
+        eval and final record (the LLM task: ``{"token_passes": "gen_token_passes"}``).
     """
 
     config: Any
@@ -106,6 +109,7 @@ class Setup:
     summary_extra: dict = dataclasses.field(default_factory=dict)
     parts: Any = None
     memory: Any = None
+    cumulative: dict = dataclasses.field(default_factory=dict)
 
     @property
     def member_batch(self) -> int | None:
