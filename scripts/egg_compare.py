@@ -110,11 +110,42 @@ def ablation_time(config, split, *, populations, streams, length, alpha, alpha_d
         if r["g"] == generations:
             evaluate(r, f"generation {generations}")
         while r["marks"] and r["t"] >= r["marks"][0]:
-            evaluate(r, f"{r['marks'].pop(0):.0f} s")
+            evaluate(r, f"{r['marks'].pop(0):g} s")
         if not r["marks"] and r["g"] >= generations:
             active.remove(r)
     return [{"population": r["population"], "member_batch": member_batch if r["population"] > member_batch else None,
              "compile_s": r["compile_s"], "evals": r["evals"]} for r in runs]
+
+
+def plot_ablation(json_path, png_path):
+    """Validation bits/byte against generations and against seconds of generation time, one line per population,
+    from the records ``ablation-time --json`` wrote."""
+    import json
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(json_path) as f:
+        rec = json.load(f)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for r in rec["records"]:
+        evals = sorted(r["evals"], key=lambda e: e["seconds"])
+        label = f"N = {r['population']}"
+        axes[0].plot([e["generation"] for e in evals], [e["bpb"] for e in evals], marker="o", label=label)
+        axes[1].plot([e["seconds"] for e in evals], [e["bpb"] for e in evals], marker="o", label=label)
+    axes[0].set_xscale("symlog", linthresh=10)
+    axes[0].set_xlabel("generation")
+    axes[1].set_xlabel("seconds of generation time (compile and evaluation excluded)")
+    for ax in axes:
+        ax.set_ylabel("validation bits/byte")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    a = rec["args"]
+    fig.suptitle(f"EGG D={a['dim']}: every member reads the same {a['streams']} x {a['length']} bytes per generation")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    print(f"wrote {png_path}")
 
 
 def run_float_es(config, split, *, population, length, seconds, sigma=0.05, lr=0.02, seed=0):
@@ -193,7 +224,8 @@ def throughput(config, split, *, population, length, repeats=5, seed=0):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["ablation", "ablation-time", "twins", "throughput"])
+    ap.add_argument("what", choices=["ablation", "ablation-time", "ablation-plot", "twins", "throughput"])
+    ap.add_argument("--png", default=None, help="ablation-plot: the figure to write from --json")
     ap.add_argument("--member-batch", type=int, default=4096, help="ablation-time: member_batch above this size")
     ap.add_argument("--json", default=None, help="ablation-time: also write the records here")
     ap.add_argument("--dim", type=int, default=64)
@@ -220,6 +252,9 @@ def main(argv=None):
         print(f"| float32 twin, float EGGROLL (rank 1) | {tf:,.0f} |")
         print(f"int8 / float ratio: {ti / tf:.2f}")
         return
+    if args.what == "ablation-plot":
+        plot_ablation(args.json, args.png)
+        return
     if args.what == "ablation-time":
         import json
         import os
@@ -237,7 +272,7 @@ def main(argv=None):
         print("|---|---|---|---|---|---|")
         for rec in records:
             at_g = next(e for e in rec["evals"] if e["why"] == f"generation {args.generations}")
-            at_t = next(e for e in rec["evals"] if e["why"] == f"{args.seconds:.0f} s")
+            at_t = next(e for e in rec["evals"] if e["why"] == f"{args.seconds:g} s")
             print(f"| {rec['population']} | {rec['member_batch'] or 'none'} | {at_g['bpb']:.3f} | "
                   f"{at_g['seconds']:.1f} | {at_t['generation']} | {at_t['bpb']:.3f} |")
         if args.json:

@@ -614,3 +614,29 @@ def test_egg_notebook_runs():
     line = next(t for t in text.splitlines() if t.startswith("validation bits/byte:"))
     start, end = (float(v) for v in line.split(":")[1].split("->"))
     assert end < start - 1.0
+
+
+def test_population_ablation_at_equal_time_and_generations():
+    """scripts/egg_compare.py ablation-time (docs/hyperscale.md): every population gets the same seconds of
+    generation time and at least the given generations; batched above member_batch; bits/byte recorded at the
+    time marks and at the common generation, from the same initial model."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("egg_compare", ROOT / "scripts" / "egg_compare.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    split = text_data.load_split()
+    records = mod.ablation_time(TINY, split, populations=[4, 8], streams=1, length=4, alpha=0.1, alpha_decay=0.0,
+                                seconds=0.2, generations=3, member_batch=4, val={"streams": 2, "length": 32},
+                                say=lambda s: None)
+    assert [r["population"] for r in records] == [4, 8]
+    assert [r["member_batch"] for r in records] == [None, 4]
+    for r in records:
+        whys = [e["why"] for e in r["evals"]]
+        assert whys[0] == "start" and "generation 3" in whys
+        assert {"0.05 s", "0.1 s", "0.2 s"} <= set(whys)
+        at_g = next(e for e in r["evals"] if e["why"] == "generation 3")
+        assert at_g["generation"] == 3
+        last = r["evals"][-1]
+        assert last["seconds"] >= 0.2 and last["generation"] >= 3
+        assert all(math.isfinite(e["bpb"]) and 0 < e["bpb"] < 16 for e in r["evals"])
+    assert records[0]["evals"][0]["bpb"] == records[1]["evals"][0]["bpb"]   # the same initial parameters
