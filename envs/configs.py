@@ -20,6 +20,7 @@ from esx.run import ConfigError, RunConfig, apply_overrides, config_from_dict, t
 from esx.run.config import field_names
 from esx_envs.egg.task import EggRunConfig
 from esx_envs.llm.config import LLMConfig
+from esx_envs.rl.paper import PAPER_CONFIGS
 from esx_envs.rl.task import RLConfig
 
 CONFIGS: dict[str, RunConfig] = {
@@ -68,6 +69,9 @@ CONFIGS: dict[str, RunConfig] = {
         val_size=16, eval_every=10, checkpoint_every=20,
     ),
 }
+
+# The paper's 16 RL environments with its EGGROLL settings and policy (esx_envs.rl.paper; docs/rl.md, "More suites").
+CONFIGS.update(PAPER_CONFIGS)
 
 
 #: the kind of a saved config without a ``"kind"`` field (written before kinds existed: RL runs).

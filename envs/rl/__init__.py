@@ -2,7 +2,10 @@
 :class:`Adapter` shape, and the ``rl`` task of ``esx train``.
 
 * :mod:`esx_envs.rl.adapters` -- :class:`Adapter` (the environment shape), :class:`Gymnax` (any gymnax environment
-  by name), :func:`make_adapter`, :data:`ADAPTERS` (other suites by name prefix; :mod:`esx_envs.rl.jumanji`);
+  by name), :func:`make_adapter`, :data:`ADAPTERS` (other suites by name prefix: :mod:`esx_envs.rl.jumanji`,
+  :mod:`~esx_envs.rl.brax`, :mod:`~esx_envs.rl.craftax`, :mod:`~esx_envs.rl.navix`, :mod:`~esx_envs.rl.kinetix`,
+  each behind its extra ``rl-<suite>``);
+* :mod:`esx_envs.rl.paper` -- the paper's 16 environments as named configs (``esx train brax-ant``);
 * :mod:`esx_envs.rl.policy` -- :class:`Policy`, an MLP written with :func:`esx.dense` / :func:`esx.value` (hidden
   layers ``dense -> LayerNorm -> ReLU``, as in the paper), in a vector and a per-unit form;
 * :mod:`esx_envs.rl.rollout` -- :func:`rollout`, :func:`make_fitness` (``(member_view, key, obs_stats) -> (mean

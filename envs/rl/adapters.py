@@ -1,6 +1,7 @@
 """The environment shape of the RL task: :class:`Adapter` (``reset`` / ``step`` as pure functions plus spaces),
 :class:`Gymnax` for any gymnax environment by name, :func:`make_adapter` and the registry :data:`ADAPTERS` of other
-suites by name prefix (``"jumanji:"``: :mod:`esx_envs.rl.jumanji`).
+suites by name prefix (``"jumanji:"``, ``"brax:"``, ``"craftax:"``, ``"navix:"``, ``"kinetix:"``: the modules of
+the same names in :mod:`esx_envs.rl`, each behind its optional extra ``rl-<suite>``).
 """
 from __future__ import annotations
 
@@ -159,4 +160,31 @@ def _jumanji(env_name: str, *, max_steps: int | None = None) -> Adapter:
 
 
 ADAPTERS["jumanji:"] = _jumanji
+
+
+def _brax(env_name: str, *, max_steps: int | None = None) -> Adapter:
+    from esx_envs.rl.brax import Brax  # optional extra `rl-brax`
+
+    return Brax(env_name, max_steps=max_steps)
+
+
+def _craftax(env_name: str, *, max_steps: int | None = None) -> Adapter:
+    from esx_envs.rl.craftax import Craftax  # optional extra `rl-craftax`
+
+    return Craftax(env_name, max_steps=max_steps)
+
+
+def _navix(env_name: str, *, max_steps: int | None = None) -> Adapter:
+    from esx_envs.rl.navix import Navix  # optional extra `rl-navix`
+
+    return Navix(env_name, max_steps=max_steps)
+
+
+def _kinetix(env_name: str, *, max_steps: int | None = None) -> Adapter:
+    from esx_envs.rl.kinetix import Kinetix  # optional extra `rl-kinetix` (pins jax<=0.9.0: docs/rl.md)
+
+    return Kinetix(env_name, max_steps=max_steps)
+
+
+ADAPTERS.update({"brax:": _brax, "craftax:": _craftax, "navix:": _navix, "kinetix:": _kinetix})
 

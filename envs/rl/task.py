@@ -36,8 +36,10 @@ class RLConfig(RunConfig):
         prefixed name of another suite (``"jumanji:Snake-v1"``).
       strategy: ``"eggroll"`` (low-rank) or ``"open_es"`` (full-rank baseline).
       population_size, rank, sigma: ES population ``N`` (even), perturbation rank ``r``, noise scale ``σ``.
-      optimizer, learning_rate: ``"sgd"`` or ``"adam"``; the step on the textbook gradient estimate
-        (see :func:`esx.paper_learning_rate` for the paper's convention).
+      optimizer, learning_rate: ``"sgd"``, ``"adam"`` or ``"adamw"`` (optax's default weight decay, 1e-4); the
+        step on the textbook gradient estimate (see :func:`esx.paper_learning_rate` for the paper's convention:
+        an SGD rate converts, an Adam / AdamW rate is the same in both, Adam being invariant to the gradient's
+        scale).
       shaping: fitness shaping name (see :mod:`esx.shaping`).
       share_env_seed: antithetic partners see the same environment seeds (common random numbers).
       width, depth, layer_norm: the MLP policy (``depth`` hidden layers of ``width``, LayerNorm then ReLU).
@@ -87,7 +89,8 @@ class RLConfig(RunConfig):
 
     def validate(self) -> None:
         super().validate()
-        choices = {"strategy": ("strategies", ("eggroll", "open_es")), "optimizer": ("optimizers", ("adam", "sgd")),
+        choices = {"strategy": ("strategies", ("eggroll", "open_es")),
+                   "optimizer": ("optimizers", ("adam", "adamw", "sgd")),
                    "action_mode": ("modes", ("greedy", "stochastic")),
                    "policy_form": ("forms", ("auto", "units", "vector")),
                    "placement": ("placements", ("gather", "reduce"))}
@@ -211,7 +214,7 @@ def _pieces(core: RLConfig):
 def _build(config: RLConfig, devices: int = 1, placement: str = "gather", capacity: int = 10,
            member_batch: int | None = None):
     adapter, policy = _pieces(config)
-    optimizer = optax.sgd(config.learning_rate) if config.optimizer == "sgd" else optax.adam(config.learning_rate)
+    optimizer = {"sgd": optax.sgd, "adam": optax.adam, "adamw": optax.adamw}[config.optimizer](config.learning_rate)
     common = dict(population_size=config.population_size, sigma=config.sigma, optimizer=optimizer,
                   shaping=config.shaping, group_size=2 if config.share_env_seed else 1, member_batch=member_batch)
     if config.strategy == "eggroll":

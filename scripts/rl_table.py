@@ -1,0 +1,303 @@
+"""EGGROLL vs OpenES vs PPO per environment at a budget of environment steps: a markdown table, JSON and one figure.
+
+    python3 scripts/rl_table.py --configs paper-cartpole,navix-dynamic-obstacles --env-steps 200000 --seeds 3 \\
+        --out runs/rl_table [--population 256 --width 64 --depth 2] [--methods eggroll,open_es,ppo] [--resume]
+
+Cells are (config, method, seed). ``eggroll`` and ``open_es`` train the named config of ``esx train`` (its
+population, rank, σ, optimizer and policy unless overridden here) with ``strategy=`` set, one generation at a time,
+until the environment steps the population took (counted exactly: the steps every member acted, from the rollouts'
+``ObsMoments``) reach ``--env-steps``; the final score is the greedy return of the unperturbed policy over
+``--eval-episodes`` episodes. The wall-clock per environment step leaves out the first generation (compilation).
+``ppo`` trains rejax's PPO (extra ``rl-ppo``; rejax's default hyperparameters and network, rejax's own environment
+wrappers) for the same number of environment steps and scores the last of rejax's own evaluations (128 episodes,
+actions sampled from the policy, as rejax evaluates). With rejax 0.1.3 this ran for gymnax and Navix; it fails for
+Brax 0.14 (its wrapper reads a ``State.time`` that Brax no longer has), Jumanji (structured observation spaces) and
+Craftax (its wrapper's parameters cannot be deep-copied, and Craftax's ``Discrete`` space is not gymnax's), is not
+wired for Kinetix, and a failure skips that environment's PPO cells.
+
+Normalisation (as the paper reports returns relative to PPO): ``score = 1 + (R - R_PPO) / |R_PPO|``, which is
+``R / R_PPO`` for positive PPO returns and stays increasing in ``R`` for negative ones (Pendulum); mean ± standard
+error over seeds, normalised with PPO's mean. Without a PPO result for an environment the raw returns are shown.
+
+Outputs in ``--out``: ``cells.json`` (every finished cell; ``--resume`` skips the cells it holds), ``table.md`` and
+``table.png`` (normalised final return per environment and method; EGGROLL's and OpenES's µs per environment step).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = ("eggroll", "open_es", "ppo")
+#: esx env prefix -> rejax's (rejax.compat.create: "<suite>/<name>"); gymnax names pass unchanged.
+_REJAX_PREFIX = {"brax:": "brax/", "craftax:": "craftax/", "jumanji:": "jumanji/", "navix:": "navix/"}
+
+
+def _key(cell: dict) -> str:
+    return f"{cell['config']}|{cell['method']}|{cell['seed']}"
+
+
+def load_cells(path: str) -> dict:
+    """``{"config|method|seed": cell}`` from ``cells.json`` (empty when the file does not exist)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return {_key(c): c for c in json.load(f)["cells"]}
+
+
+def save_cells(path: str, cells: dict, args: argparse.Namespace) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"budget_env_steps": args.env_steps, "cells": list(cells.values())}, f, indent=1)
+    os.replace(tmp, path)
+
+
+def es_config(name: str, method: str, seed: int, args: argparse.Namespace):
+    """The named config with the table's overrides (strategy, seed, and population / rank / width / depth /
+    max_steps where given)."""
+    from esx_envs import configs
+
+    overrides = [f"strategy={method}", f"seed={seed}", f"final_eval_episodes={args.eval_episodes}"]
+    for field in ("population", "width", "depth", "max_steps", "rank"):
+        value = getattr(args, field)
+        if value is not None:
+            overrides.append(f"{'population_size' if field == 'population' else field}={value}")
+    return configs.apply_overrides(configs.get_config(name), overrides)
+
+
+def run_es(name: str, method: str, seed: int, args: argparse.Namespace) -> dict:
+    """One ES cell: train until ``args.env_steps`` environment steps, then the greedy final return."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from esx.noise import stream_key
+    from esx_envs.rl import update_obs_stats
+
+    cfg = es_config(name, method, seed, args)
+    setup = cfg.setup()
+    strategy, fitness = setup.strategy, setup.parts.fitness
+
+    @jax.jit
+    def generation(es_state, stats, run_key):
+        key = stream_key(run_key, "data", es_state.generation)
+        returns, moments = strategy.evaluate(es_state, fitness, key, stats, has_aux=True)
+        es_state, _ = strategy.tell(es_state, returns)
+        stats = update_obs_stats(stats, moments) if cfg.obs_norm else stats
+        return es_state, stats, jnp.sum(moments.count)
+
+    state = setup.initial_state()
+    es_state, stats, run_key = state.es, state.carry, state.key
+    steps, gens, timed_steps, timed_s = 0, 0, 0, 0.0
+    start = time.perf_counter()
+    while steps < args.env_steps:
+        t = time.perf_counter()
+        es_state, stats, n = generation(es_state, stats, run_key)
+        n = int(n)
+        if gens > 0:                       # the first generation includes compilation
+            timed_steps, timed_s = timed_steps + n, timed_s + time.perf_counter() - t
+        steps, gens = steps + n, gens + 1
+    wall = time.perf_counter() - start
+    returns = np.asarray(setup.parts.final_evaluator(es_state.params, jax.random.key(10_000 + seed), stats))
+    return {"final_return": float(returns.mean()), "env_steps": steps, "generations": gens, "wall_s": wall,
+            "us_per_env_step": (timed_s / timed_steps * 1e6) if timed_steps else None,
+            "population_size": cfg.population_size, "policy": f"{cfg.depth}x{cfg.width}"}
+
+
+class _FiveTupleStep:
+    """An environment whose ``step`` returns rejax 0.1.3's five values: gymnax >= 1.0 returns six (``terminated``
+    and ``truncated`` apart); rejax unpacks five and treats the fourth as ``done``, so they are or-ed."""
+
+    def __init__(self, env):
+        self._env = env
+
+    def __getattr__(self, name):
+        if name.startswith("_"):          # copy / deepcopy probe dunders before _env exists
+            raise AttributeError(name)
+        return getattr(self._env, name)
+
+    def step(self, key, state, action, params=None):
+        out = self._env.step(key, state, action, params)
+        if len(out) == 6:
+            import jax.numpy as jnp
+
+            obs, state, reward, terminated, truncated, info = out
+            return obs, state, reward, jnp.logical_or(terminated, truncated), info
+        return out
+
+
+def run_ppo(name: str, seed: int, args: argparse.Namespace) -> dict | None:
+    """One PPO cell with rejax, or ``None`` when rejax or the suite's wrapper is not available."""
+    try:
+        import jax
+        from rejax import PPO
+    except ImportError:
+        return None
+    from esx_envs import configs
+
+    env = configs.get_config(name).env
+    for prefix, rejax_prefix in _REJAX_PREFIX.items():
+        if env.startswith(prefix):
+            env = rejax_prefix + env[len(prefix):]
+            break
+    else:
+        if ":" in env:                     # kinetix: and any other suite rejax is not wired to here
+            return None
+    if "/" in env:                         # rejax's own wrapper of the suite (its step returns five values)
+        env_args = {"env": env}
+    else:                                  # gymnax >= 1.0: six values, wrapped
+        from rejax.compat import create
+
+        env_obj, env_params = create(env)
+        env_args = {"env": _FiveTupleStep(env_obj), "env_params": env_params}
+    algo = PPO.create(**env_args, total_timesteps=args.env_steps, eval_freq=args.env_steps,
+                      skip_initial_evaluation=True, num_envs=args.ppo_envs, num_steps=args.ppo_steps)
+    start = time.perf_counter()
+    _, (lengths, returns) = jax.jit(algo.train)(jax.random.key(seed))
+    returns.block_until_ready()
+    return {"final_return": float(returns[-1].mean()), "env_steps": int(args.env_steps), "wall_s":
+            time.perf_counter() - start, "us_per_env_step": None, "rejax_env": env}
+
+
+def summarise(cells: dict, names: list[str], methods: list[str]) -> dict:
+    """Per config and method: ``n``, raw mean and s.e., normalised mean and s.e. (``None`` without PPO), µs per
+    environment step."""
+    out = {}
+    for name in names:
+        row = {}
+        for m in methods:
+            rs = [c["final_return"] for c in cells.values() if c["config"] == name and c["method"] == m]
+            us = [c["us_per_env_step"] for c in cells.values()
+                  if c["config"] == name and c["method"] == m and c.get("us_per_env_step")]
+            if not rs:
+                continue
+            mean = sum(rs) / len(rs)
+            se = (math.sqrt(sum((r - mean) ** 2 for r in rs) / (len(rs) - 1)) / math.sqrt(len(rs))
+                  if len(rs) > 1 else 0.0)
+            row[m] = {"n": len(rs), "mean": mean, "se": se, "us_per_env_step": (sum(us) / len(us)) if us else None}
+        ppo = row.get("ppo", {}).get("mean")
+        for m, r in row.items():
+            if ppo is not None and ppo != 0:
+                r["norm_mean"], r["norm_se"] = 1 + (r["mean"] - ppo) / abs(ppo), r["se"] / abs(ppo)
+            else:
+                r["norm_mean"] = r["norm_se"] = None
+        out[name] = row
+    return out
+
+
+def write_markdown(path: str, summary: dict, methods: list[str], args: argparse.Namespace) -> str:
+    def fmt(r, norm):
+        if r is None:
+            return "–"
+        if norm and r.get("norm_mean") is not None:
+            return f"{r['norm_mean']:.2f} ± {r['norm_se']:.2f}"
+        return f"{r['mean']:.1f} ± {r['se']:.1f}"
+
+    lines = [f"Budget: {args.env_steps} environment steps per run; seeds {args.seeds}; normalised by PPO "
+             "(1 + (R − R_PPO)/|R_PPO|) where PPO ran, raw returns otherwise.", "",
+             "| config | " + " | ".join(methods) + " | raw returns (" + ", ".join(methods) +
+             ") | µs / env step EGGROLL | OpenES | OpenES / EGGROLL |",
+             "|---|" + "---|" * len(methods) + "---|---|---|---|"]
+    for name, row in summary.items():
+        us_e = row.get("eggroll", {}).get("us_per_env_step")
+        us_o = row.get("open_es", {}).get("us_per_env_step")
+        timing = f"{us_e:.1f} | {us_o:.1f} | {us_o / us_e:.2f}×" if us_e and us_o else "– | – | –"
+        lines.append(f"| {name} | " + " | ".join(fmt(row.get(m), True) for m in methods) + " | "
+                     + ", ".join(fmt(row.get(m), False) for m in methods) + f" | {timing} |")
+    text = "\n".join(lines) + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+    return text
+
+
+def write_figure(path: str, summary: dict, methods: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(names) + 4), 4))
+    width = 0.8 / max(len(methods), 1)
+    for i, m in enumerate(methods):
+        ys = [summary[n].get(m, {}).get("norm_mean") for n in names]
+        es = [summary[n].get(m, {}).get("norm_se") for n in names]
+        if not any(y is not None for y in ys):   # no PPO anywhere: raw means
+            ys = [summary[n].get(m, {}).get("mean") for n in names]
+            es = [summary[n].get(m, {}).get("se") for n in names]
+        xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(names))]
+        ax1.bar(xs, [y if y is not None else 0 for y in ys], width, yerr=[e or 0 for e in es], label=m, capsize=2)
+    ax1.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax1.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax1.set_ylabel("final greedy return (PPO = 1)")
+    ax1.legend()
+    for i, m in enumerate(("eggroll", "open_es")):
+        ys = [summary[n].get(m, {}).get("us_per_env_step") or 0 for n in names]
+        ax2.bar([j + (i - 0.5) * 0.4 for j in range(len(names))], ys, 0.4, label=m)
+    ax2.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax2.set_ylabel("µs per environment step")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--configs", required=True, help="comma-separated named configs of esx train")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--env-steps", type=int, required=True, help="environment steps per run")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true", help="skip the cells already in OUT/cells.json")
+    p.add_argument("--population", type=int, default=None)
+    p.add_argument("--rank", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--depth", type=int, default=None)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--eval-episodes", type=int, default=32)
+    p.add_argument("--ppo-envs", type=int, default=16)
+    p.add_argument("--ppo-steps", type=int, default=64)
+    args = p.parse_args(argv)
+    names = [n for n in args.configs.split(",") if n]
+    methods = [m for m in args.methods.split(",") if m]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        p.error(f"unknown methods {bad}; valid: {list(METHODS)}")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "cells.json")
+    cells = load_cells(path) if args.resume else {}
+    for name in names:
+        for method in methods:
+            for seed in range(args.seeds):
+                cell = {"config": name, "method": method, "seed": seed}
+                if _key(cell) in cells:
+                    continue
+                if method == "ppo":
+                    try:
+                        result = run_ppo(name, seed, args)
+                    except Exception as e:  # rejax 0.1.3 fails on some suites (docs/rl.md); the ES cells go on
+                        print(f"{name} ppo: rejax failed ({type(e).__name__}: {str(e)[:200]}); skipped", flush=True)
+                        break
+                else:
+                    result = run_es(name, method, seed, args)
+                if result is None:
+                    print(f"{name} {method}: not available (skipped)", flush=True)
+                    break
+                cells[_key(cell)] = {**cell, **result}
+                save_cells(path, cells, args)
+                print(f"{name} {method} seed {seed}: return {result['final_return']:.2f} "
+                      f"({result['env_steps']} steps, {result['wall_s']:.1f} s)", flush=True)
+    summary = summarise(cells, names, methods)
+    print(write_markdown(os.path.join(args.out, "table.md"), summary, methods, args))
+    write_figure(os.path.join(args.out, "table.png"), summary, methods)
+    return summary
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, ROOT)
+    main()

@@ -1,0 +1,48 @@
+"""scripts/rl_table.py: one tiny cell end to end (JSON, markdown, figure, resume) and the PPO normalisation."""
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "rl_table.py")
+
+
+@pytest.fixture(scope="module")
+def table():
+    spec = importlib.util.spec_from_file_location("rl_table", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["rl_table"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_normalisation_by_ppo(table):
+    cells = {}
+    for method, returns in {"eggroll": [300.0, 500.0], "open_es": [100.0, 100.0], "ppo": [200.0, 200.0]}.items():
+        for seed, r in enumerate(returns):
+            cells[f"cp|{method}|{seed}"] = {"config": "cp", "method": method, "seed": seed, "final_return": r,
+                                            "us_per_env_step": 2.0 if method == "eggroll" else 6.0}
+    cells["pend|eggroll|0"] = {"config": "pend", "method": "eggroll", "seed": 0, "final_return": -150.0}
+    cells["pend|ppo|0"] = {"config": "pend", "method": "ppo", "seed": 0, "final_return": -300.0}
+    s = table.summarise(cells, ["cp", "pend"], ["eggroll", "open_es", "ppo"])
+    assert s["cp"]["eggroll"]["mean"] == 400.0 and s["cp"]["eggroll"]["se"] == pytest.approx(100.0)
+    assert s["cp"]["eggroll"]["norm_mean"] == pytest.approx(2.0) and s["cp"]["eggroll"]["norm_se"] == 0.5
+    assert s["cp"]["open_es"]["norm_mean"] == pytest.approx(0.5) and s["cp"]["ppo"]["norm_mean"] == 1.0
+    assert s["pend"]["eggroll"]["norm_mean"] == pytest.approx(1.5)      # half PPO's loss: better than PPO
+    assert "open_es" not in s["pend"]
+
+
+def test_one_tiny_cell_writes_json_markdown_figure_and_resumes(table, tmp_path):
+    argv = ["--configs", "cartpole", "--methods", "eggroll", "--env-steps", "300", "--seeds", "1", "--out",
+            str(tmp_path), "--population", "4", "--width", "4", "--depth", "0", "--max-steps", "20",
+            "--eval-episodes", "2"]
+    summary = table.main(argv)
+    cells = json.loads((tmp_path / "cells.json").read_text())["cells"]
+    assert len(cells) == 1 and cells[0]["method"] == "eggroll" and cells[0]["env_steps"] >= 300
+    assert 1 <= cells[0]["final_return"] <= 20                  # CartPole episodes capped at 20 steps
+    assert summary["cartpole"]["eggroll"]["mean"] == cells[0]["final_return"]
+    assert "| cartpole |" in (tmp_path / "table.md").read_text() and (tmp_path / "table.png").stat().st_size > 0
+    table.main(argv + ["--resume"])                             # the finished cell is kept, not run again
+    assert json.loads((tmp_path / "cells.json").read_text())["cells"] == cells
