@@ -1,0 +1,135 @@
+"""scripts/countdown_h2h.py (issue #24, item 2) end to end on the tiny random model at minimal budgets: calibrate,
+tune (one trial per method), run (one seed per method), then the same commands again with ``--resume``, which must
+train nothing. All in one process, so each function is compiled once; XLA's optimisations are turned off while it
+runs (the tiny model's compile time dominates)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import types
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from esx_envs.llm import h2h
+from esx_envs.llm import task as llm_task
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "countdown_h2h.py"
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("countdown_h2h", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def fast_compile():
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
+COMMON = ["--model", "tiny", "--set", "system_prompt=none", "--set", "chat=false", "--set", "max_new_tokens=6",
+          "--set", "val_size=6", "--set", "tune_size=6", "--quiet",
+          "--eval-batch", "4"]   # = GRPO's batch (2 prompts x 2 samples): one compiled generator for both
+GRPO_SMALL = ["--grpo-settings", "group_size=2,prompts_per_step=2"]
+SPACE = ["--es-population", "4", "--es-prompts", "1", "--grpo-group", "2", "--grpo-prompts", "2", "--grpo-clip", "0.2"]
+
+
+def test_head_to_head_smoke_and_resume(script, fast_compile, tmp_path):
+    out = ["--out", str(tmp_path)]
+    cal = script.main(["calibrate", *out, *COMMON, *GRPO_SMALL, "--minutes", "1e-6"])   # GRPO steps: the budget
+    tune = script.main(["tune", *out, *COMMON, *SPACE, "--trials", "1", "--tune-budget", "0.5x"])
+    run = script.main(["run", *out, *COMMON, "--seeds", "0", "--budget", "1x", "--eval-every", "0.5x"])
+    assert cal["steps"] == 2 and tune["steps"] > 0 and run["steps"] > 0   # the first step is not counted
+    data = json.loads((tmp_path / "h2h.json").read_text())
+    budget = data["calibration"]["token_passes"]
+    assert budget > 0 and data["run_budget"] == {"budget": budget, "eval_every": round(budget / 2)}
+
+    # both methods, one seed each: token-passes from 0, non-decreasing, at least the budget at the end
+    for section, splits in (("tune", ("tune",)), ("runs", ("val", "tune"))):
+        for method in ("es", "grpo"):
+            cells = data[section][method]
+            assert list(cells) == ["0"] and cells["0"]["done"]
+            recs = cells["0"]["records"]
+            tp = [r["token_passes"] for r in recs]
+            assert tp[0] == 0 and all(a <= b for a, b in zip(tp, tp[1:]))
+            assert abs(tp[-1] - cells["0"]["budget"]) <= max(np.diff(tp))   # ends near the budget
+            assert cells["0"]["first_steps"] == [1] and recs[-1]["first_steps_s"] > 0
+            assert len(recs) >= 2 and all(a <= b for a, b in zip([r["wall_s"] for r in recs],
+                                                                  [r["wall_s"] for r in recs][1:]))
+            for r in recs:
+                for s in ("val", "tune"):
+                    acc = r[f"{s}_accuracy"]
+                    assert (0.0 <= acc <= 1.0) if s in splits else acc is None
+    # the chosen settings are the (only) trials', and the runs used them
+    for method in ("es", "grpo"):
+        assert data["chosen"][method] == data["tune"][method]["0"]["settings"]
+        assert data["runs"][method]["0"]["settings"] == data["chosen"][method]
+    assert data["tune"]["es"]["0"]["settings"]["population_size"] == 4
+    assert data["tune"]["grpo"]["0"]["settings"]["group_size"] == 2
+    # one set of held-out problems for both methods, from the hash-disjoint splits
+    for s in ("val", "tune"):
+        qs = data["problems"][s]
+        assert len(qs) == 6 and {llm_task.problem_split(types.SimpleNamespace(question=q)) for q in qs} == {s}
+
+    table = (tmp_path / "h2h.md").read_text().split("\n\n")[0]   # the head-to-head table (then the trials)
+    rows = [line for line in table.splitlines() if line.startswith("| ES |") or line.startswith("| GRPO |")]
+    assert len(rows) == 2 and all("| 1 (0) |" in row for row in rows)
+    png = tmp_path / "h2h.png"
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # again with --resume: every cell is finished, nothing trains, no record changes
+    again = [script.main([cmd, *out, *COMMON, *extra, "--resume"]) for cmd, extra in (
+        ("calibrate", [*GRPO_SMALL, "--minutes", "1e-6"]), ("tune", [*SPACE, "--trials", "1", "--tune-budget", "0.5x"]),
+        ("run", ["--seeds", "0", "--budget", "1x", "--eval-every", "0.5x"]))]
+    assert [a["steps"] for a in again] == [0, 0, 0] and all(a["trained"] == [] for a in again)
+    assert again[0]["skipped"] == ["calibration"]
+    assert again[1]["skipped"] == ["tune-es-0", "tune-grpo-0"] and again[2]["skipped"] == ["run-es-seed0",
+                                                                                          "run-grpo-seed0"]
+    assert not list((tmp_path / "cells").glob("*/checkpoints")) and not list((tmp_path / "cells").glob("*/*.npz"))
+    after = json.loads((tmp_path / "h2h.json").read_text())
+    for key in ("calibration", "tune", "runs", "chosen", "base_eval"):
+        assert after[key] == data[key]
+    assert [i["steps"] for i in after["invocations"]][-3:] == [0, 0, 0]
+    with pytest.raises(SystemExit, match="--resume"):   # without --resume it refuses to touch finished cells
+        script.main(["run", *out, *COMMON, "--seeds", "0", "--budget", "1x", "--eval-every", "0.5x"])
+
+
+def test_grpo_cell_resumes_exactly(fast_compile, tmp_path):
+    """A GRPO cell checkpointed after one step and continued in a new arm ends bit-identical to two steps in one."""
+    from esx_envs.configs import get_config
+
+    base = get_config("llm-countdown").replace(model="tiny", system_prompt="none", chat=False, max_new_tokens=6,
+                                               val_size=6, tune_size=6)
+    ctx = h2h.context(base, 0, 4)   # the first test's (same config): the model is loaded once
+    settings = {"group_size": 2, "prompts_per_step": 2, "learning_rate": 1e-2, "clip_eps": 0.2}
+
+    def arm(folder):   # the random model never solves Countdown: a reward that varies within a group instead
+        out = h2h.GRPOArm(ctx, settings, 1, tmp_path / folder)
+        out.trainer.reward_fn = lambda problem, text: float(len(set(text)))
+        return out
+
+    whole = arm("a")
+    p = whole.restore(set())
+    whole.train_until(1, p)
+    whole.train_until(p.token_passes + 1, p)
+    first = arm("b")
+    q = first.restore(set())
+    first.train_until(1, q)
+    second = arm("b")
+    r = second.restore(set())
+    assert (r.generation, r.token_passes) == (1, q.token_passes)
+    second.train_until(r.token_passes + 1, r)
+    assert (r.generation, r.token_passes) == (p.generation, p.token_passes) == (2, p.token_passes)
+    for a, b in zip(jax.tree_util.tree_leaves((whole.trainer.params, whole.trainer.opt_state)),
+                    jax.tree_util.tree_leaves((second.trainer.params, second.trainer.opt_state))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(
+        jax.tree_util.tree_leaves(whole.trainer.params), jax.tree_util.tree_leaves(ctx.params)))   # it trained
