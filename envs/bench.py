@@ -56,8 +56,9 @@ CASES = ("B1a", "B1b", "B2", "B3", "B4", "B5", "B6")
 SOURCES = noise_lib.NOISE_SOURCES
 
 TARGETS = {
-    "B1a": ">= 0.80 (inference time / population-forward time)",
-    "B1b": ">= 0.95 (inference time / population-forward time)",
+    # the targets of the hyperscale issue (#22; before it: B1a >= 0.80, B1b >= 0.95)
+    "B1a": ">= 0.85 (inference time / population-forward time)",
+    "B1b": ">= 0.90 (inference time / population-forward time)",
     "B2": ">= 100 (full-rank time per generation / EGGROLL time per generation)",
     "B3": "tell / evaluation <= 0.10; tell(rank 16) / tell(rank 1) <= 4",
     "B4": "compile(64 layers) / compile(8 layers) <= 3",
@@ -236,7 +237,7 @@ def case_b1a(*, quick: bool, repeats: int, sources) -> dict:
     config = {"model": f"MLP {layers}x{width} tanh, with biases, unstacked leaves", "population_size": pop,
               "rows_per_member": 1, "rank": rank, "antithetic": True, "dtype": "float32", "sources": list(sources)}
     return _throughput_case("B1a", forward=mlp_forward, params=params, data=data, population_size=pop, rank=rank,
-                            sources=sources, repeats=repeats, config=config, target=0.80)
+                            sources=sources, repeats=repeats, config=config, target=0.85)
 
 
 def case_b1b(*, quick: bool, repeats: int, sources) -> dict:
@@ -248,7 +249,7 @@ def case_b1b(*, quick: bool, repeats: int, sources) -> dict:
               "population_size": pop, "rank": rank, "antithetic": True, "dtype": "float32",
               "sources": list(sources), "view": "built once per member outside the time scan"}
     return _throughput_case("B1b", forward=rnn_forward, params=params, data=data, population_size=pop, rank=rank,
-                            sources=sources, repeats=repeats, config=config, target=0.95)
+                            sources=sources, repeats=repeats, config=config, target=0.90)
 
 
 # ----------------------------------------------------------------------------------------------- B2
