@@ -33,6 +33,14 @@ def fast_compile():
     jax.config.update("jax_disable_most_optimizations", True)
     yield
     jax.config.update("jax_disable_most_optimizations", before)
+    # the unoptimised executables stay in jit's caches and in the llm modules' cached functions, and a later test
+    # in this process would run them (tests/test_golden.py's train_llm digest moved): drop them all
+    jax.clear_caches()
+    from esx_envs.llm import h2h, task
+    for fn in (h2h, task):
+        for obj in vars(fn).values():
+            if hasattr(obj, "cache_clear"):
+                obj.cache_clear()
 
 
 COMMON = ["--model", "tiny", "--set", "system_prompt=none", "--set", "chat=false", "--set", "max_new_tokens=6",
