@@ -21,7 +21,6 @@ Only jax, optax and numpy are imported here.
 """
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -29,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from esx.labels import path_to_str
+from esx.labels import apply_overrides, path_to_str
 
 
 class AnchorState(NamedTuple):
@@ -79,19 +78,11 @@ def path_multipliers(params: Any, multipliers: Mapping[str, float]) -> Any:
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     paths = [path_to_str(p) for p, _ in flat]
-    used = dict.fromkeys(multipliers, False)
-    factors = []
-    for p in paths:
-        factor = 1.0
-        for pattern, value in multipliers.items():
-            if fnmatch.fnmatchcase(p, pattern):
-                factor, used[pattern] = float(value), True
-                break
-        factors.append(factor)
-    unused = [k for k, hit in used.items() if not hit]
-    if unused:
-        raise ValueError(f"scale_by_path: pattern(s) {unused} match no parameter; valid paths are {paths}")
-    return jax.tree_util.tree_unflatten(treedef, factors)
+    try:   # the labels' own glob rule: first match wins, a pattern that matches nothing is an error
+        factors = apply_overrides(paths, [1.0] * len(paths), multipliers)
+    except ValueError as err:
+        raise ValueError(f"scale_by_path: {err}") from None
+    return jax.tree_util.tree_unflatten(treedef, [float(f) for f in factors])
 
 
 def scale_by_path(multipliers: Mapping[str, float]) -> optax.GradientTransformation:

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import types
+import re
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-from esx_envs.llm import h2h
+from esx_envs.llm import h2h, tasks
 from esx_envs.llm import task as llm_task
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "countdown_h2h.py"
@@ -41,6 +41,12 @@ def fast_compile():
         for obj in vars(fn).values():
             if hasattr(obj, "cache_clear"):
                 obj.cache_clear()
+
+
+def _countdown_problem(question: str):
+    """The Countdown problem a recorded question states (its numbers and target: what the split hashes)."""
+    m = re.match(r"Using the numbers \[([0-9, ]+)\], create an equation that equals ([0-9]+)\.", question)
+    return tasks.Problem(question, int(m.group(2)), {"numbers": tuple(int(x) for x in m.group(1).split(","))})
 
 
 COMMON = ["--model", "tiny", "--set", "system_prompt=none", "--set", "chat=false", "--set", "max_new_tokens=6",
@@ -85,7 +91,7 @@ def test_head_to_head_smoke_and_resume(script, fast_compile, tmp_path):
     # one set of held-out problems for both methods, from the hash-disjoint splits
     for s in ("val", "tune"):
         qs = data["problems"][s]
-        assert len(qs) == 6 and {llm_task.problem_split(types.SimpleNamespace(question=q)) for q in qs} == {s}
+        assert len(qs) == 6 and {llm_task.problem_split(_countdown_problem(q)) for q in qs} == {s}
 
     table = (tmp_path / "h2h.md").read_text().split("\n\n")[0]   # the head-to-head table (then the trials)
     rows = [line for line in table.splitlines() if line.startswith("| ES |") or line.startswith("| GRPO |")]

@@ -46,10 +46,11 @@ def test_countdown_config_and_generator_knobs():
 
 
 def _training_questions(config, generations):
+    """The puzzles (:func:`llm_task.puzzle_key`: sorted numbers and target) training draws in ``generations``."""
     trainer = es.ESTrainer(cfg=TINY, params=None, tokenizer=tokenizer.ByteTokenizer(), config=config,
                            task=llm_task.SplitTask(llm_task.make_task(config), "train") if config.disjoint
                            else llm_task.make_task(config), seed=config.seed, init_state=False)
-    return {p.question for g in range(generations) for p in trainer.problems_for(g)}
+    return {llm_task.puzzle_key(p) for g in range(generations) for p in trainer.problems_for(g)}
 
 
 @pytest.mark.parametrize("disjoint", [False, True])
@@ -64,10 +65,12 @@ def test_heldout_splits_are_fixed_by_seed_and_disjoint_from_training(disjoint):
                                                                                           disjoint=disjoint)]
     assert [p.question for p in val] != [p.question for p in llm_task.validation_problems(task, 1, 16,
                                                                                           disjoint=disjoint)]
-    held = {p.question for p in val} | {p.question for p in tune}
+    key = llm_task.puzzle_key
+    held = {key(p) for p in val} | {key(p) for p in tune}
     train = _training_questions(c, 30)
-    if disjoint:
-        assert not held & train and not {p.question for p in val} & {p.question for p in tune}
+    if disjoint:   # as puzzles: the same numbers in another order are the same puzzle
+        assert not held & train and not {key(p) for p in val} & {key(p) for p in tune}
+        assert key(tasks.Problem("a", 7, {"numbers": (3, 4)})) == key(tasks.Problem("b", 7, {"numbers": (4, 3)}))
         assert {llm_task.problem_split(p) for p in val} == {"val"}
         assert {llm_task.problem_split(p) for p in tune} == {"tune"}
     else:
@@ -129,6 +132,12 @@ def test_cumulative_fields_are_running_sums_across_resume(tmp_path):
     run.train(setup, tmp_path / "b", progress=False, callback=stop, log=lambda s: None)
     run.train(setup, tmp_path / "b", resume=True, progress=False, log=lambda s: None)
     assert [r["gens"] for r in run.read_metrics(tmp_path / "b") if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    # several generations per chunk: every record keeps its fitness fields and its own running sum
+    chunked = dataclasses.replace(setup, config=config.replace(chunk=3))
+    out = run.train(chunked, tmp_path / "c", progress=False)
+    train = [r for r in out.history if r["kind"] == "train"]
+    assert [r["gens"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert all(f"{setup.fitness_name}_max" in r for r in train)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -394,3 +403,9 @@ def test_user_checkpoint_runs_unchanged(tmp_path, kind, capsys):
     assert {"val_accuracy", "tune_accuracy", "token_passes"} <= set(recs[-1])
     _, state = run.load_run(run_dir)
     assert state.generation == 1 and (run_dir / "best" / "best.json").exists()
+
+
+def test_unreachable_countdown_targets_are_an_error_not_a_hang():
+    task = tasks.Countdown(num_numbers=2, max_number=5, min_target=100, max_target=200)
+    with pytest.raises(ValueError, match="widen the target range"):
+        task.sample(random.Random(0), 1)

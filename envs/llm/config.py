@@ -45,7 +45,7 @@ class LLMConfig(RunConfig):
       val_size: held-out problems scored greedily every ``eval_every`` generations and at the end.
       tune_size: a second held-out set, the tuning split (``tune_accuracy`` in the evaluations; 0: none), for
         choosing hyperparameters without looking at the validation set.
-      disjoint: split the problem space by a hash of the question (:func:`esx_envs.llm.task.problem_split`: 5%
+      disjoint: split the problem space by a hash of the puzzle (:func:`esx_envs.llm.task.problem_split`: 5%
         validation, 5% tuning, 90% training): validation and tuning problems are drawn only from their own part
         and training never sees either, whatever the sizes (``False``: the validation set is drawn from its own
         random stream only, as before).

@@ -14,8 +14,8 @@ the runner across resumes), ``seconds``; evaluations: ``val_accuracy``, ``val_fo
 ``tune_size``), ``token_passes`` (and three sample completions in the final one).
 
 Held-out problems: :func:`validation_problems` and :func:`tuning_problems`, fixed by the seed; with ``disjoint``
-the problem space is split by a hash of the question (:func:`problem_split`) and training draws only from its
-own part (:class:`SplitTask`), so neither held-out set is ever trained on.
+the problem space is split by a hash of each puzzle (:func:`puzzle_key`, :func:`problem_split`) and training
+draws only from its own part (:class:`SplitTask`), so neither held-out set is ever trained on.
 """
 from __future__ import annotations
 
@@ -89,10 +89,21 @@ def make_task(config):
 SPLITS = {0: "val", 1: "tune"}
 
 
+def puzzle_key(problem) -> str:
+    """What makes two problems the same puzzle: for a problem with given numbers (Countdown) the sorted numbers
+    and the answer, so a puzzle whose numbers are listed in another order is the same puzzle; otherwise the
+    question text."""
+    numbers = (problem.meta or {}).get("numbers") if hasattr(problem, "meta") else None
+    if numbers is not None:
+        return f"numbers={sorted(numbers)} answer={problem.answer}"
+    return problem.question
+
+
 def problem_split(problem) -> str:
     """``"val"``, ``"tune"`` or ``"train"``: the part of the problem space ``problem`` belongs to, from the sha256
-    of its question text (5%, 5%, 90%; independent of the seed, the sizes and the order of drawing)."""
-    bucket = int.from_bytes(hashlib.sha256(problem.question.encode()).digest()[:8], "big") % 20
+    of its :func:`puzzle_key` (5%, 5%, 90%; independent of the seed, the sizes and the order of drawing, and the
+    same for every ordering of a Countdown puzzle's numbers)."""
+    bucket = int.from_bytes(hashlib.sha256(puzzle_key(problem).encode()).digest()[:8], "big") % 20
     return SPLITS.get(bucket, "train")
 
 
@@ -110,9 +121,14 @@ class SplitTask:
         return self.task.name
 
     def sample(self, rng: random.Random, n: int) -> list:
-        out = []
+        out, drawn = [], 0
         while len(out) < n:
-            out += [p for p in self.task.sample(rng, n - len(out)) if problem_split(p) == self.split]
+            if drawn > 1000 * max(n, 1):   # a problem space with (almost) nothing in this split: never hang
+                raise ValueError(f"SplitTask: {len(out)} of {n} {self.split!r} problems in {drawn} draws of "
+                                 f"{self.task.name}; its problem space is too small for disjoint splits")
+            batch = self.task.sample(rng, n - len(out))
+            drawn += len(batch)
+            out += [p for p in batch if problem_split(p) == self.split]
         return out
 
     def score(self, problem, completion: str) -> float:
@@ -206,5 +222,5 @@ def llm_setup(config: LLMConfig) -> Setup:
                  ylabel="reward / accuracy", memory=plan, cumulative={"token_passes": "gen_token_passes"})
 
 
-__all__ = ["LLMMetrics", "SPLITS", "SplitTask", "llm_setup", "load_model", "make_task", "problem_split",
+__all__ = ["LLMMetrics", "SPLITS", "SplitTask", "llm_setup", "load_model", "make_task", "problem_split", "puzzle_key",
            "tuning_problems", "validation_problems"]

@@ -431,8 +431,12 @@ class Countdown:
     strict: bool = True
 
     def sample(self, rng: random.Random, n: int) -> list[Problem]:
-        out = []
+        out, rejected = [], 0
         while len(out) < n:
+            if rejected > 10_000 * max(n, 1):   # nothing drawn lands in the target range: say so, never hang
+                raise ValueError(
+                    f"Countdown: no target in [{self.min_target}, {self.max_target}] in {rejected} draws of "
+                    f"{self.num_numbers} numbers in [{self.min_number}, {self.max_number}]; widen the target range")
             nums = [rng.randint(self.min_number, self.max_number) for _ in range(self.num_numbers)]
             order = nums[:]
             rng.shuffle(order)
@@ -444,6 +448,7 @@ class Countdown:
                     op, nv = "+", value + x
                 value, expr = nv, f"({expr} {op} {x})"
             if not self.min_target <= value <= self.max_target:
+                rejected += 1
                 continue
             q = (f"Using the numbers {nums}, create an equation that equals {int(value)}. "
                  "You can use + - * / and each number exactly once.")

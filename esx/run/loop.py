@@ -94,9 +94,9 @@ def _train_records(setup: Setup, m, n: int, now: float, totals: dict) -> list[di
             rec[k] = bool(v) if v.dtype == bool else float(v)
         if setup.train_extra is not None:
             rec.update(setup.train_extra(m, i))
-        for name, field in setup.cumulative.items():
-            totals[name] += rec[field]
-            rec[name] = totals[name]
+        for total, field in setup.cumulative.items():
+            totals[total] += rec[field]
+            rec[total] = totals[total]
         rec["wall_time"] = now
         out.append(rec)
     return out
