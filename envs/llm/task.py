@@ -148,9 +148,15 @@ def tuning_problems(task, seed: int, n: int, *, disjoint: bool = False) -> list:
 
 
 @functools.lru_cache(maxsize=2)
+def _load(model: str, dtype_name: str):
+    """The model, tokenizer and weights, read once per (model, dtype) in a process: configs that differ in anything
+    else (seed, learning rate, population: the cells of a sweep) share one copy of the weights."""
+    return load_model(model, jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32)
+
+
+@functools.lru_cache(maxsize=2)
 def _model(core: LLMConfig):
-    dtype = jnp.bfloat16 if core.dtype == "bfloat16" else jnp.float32
-    cfg, params, tok = load_model(core.model, dtype)
+    cfg, params, tok = _load(core.model, core.dtype)
     task = make_task(core)
     probe = task.sample(random.Random(core.seed + 77_777), 256)
     need = max(len(tok.encode(tasks.make_prompt(p.question, system=core.system))) for p in probe)
