@@ -34,6 +34,20 @@ def test_b1_reports_both_noise_modes(quick_results):
         assert {"hash/on_the_fly", "hash/pregenerated"} <= set(ratios)
 
 
+def test_b1_compares_member_batching_with_the_fastest_inference(quick_results):
+    """B1a/B1b time member-batched population forwards and chunked inference beside whole-batch inference; every
+    ratio is against the fastest inference form of each round, so it can never exceed what the per-round
+    minimum allows."""
+    for name in ("B1a", "B1b"):
+        res = quick_results["cases"][name]
+        (k,) = res["config"]["member_batches"]
+        assert f"hash/on_the_fly/member_batch {k}" in res["ratios"]
+        measured = res["measured"]
+        assert f"inference/chunk {k}_s" in measured and "inference_s" in measured
+        assert measured["best_inference_s"] <= min(measured["inference_s"], measured[f"inference/chunk {k}_s"])
+        assert not any(key.startswith("inference") for key in res["ratios"])
+
+
 def test_b2_compares_with_full_rank(quick_results):
     ratios = quick_results["cases"]["B2"]["ratios"]
     assert any(k.startswith("open_es/") for k in ratios)
