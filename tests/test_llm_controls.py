@@ -187,6 +187,47 @@ def test_k_samples_at_temperature_zero_equal_greedy_and_token_passes(tiny_traine
     assert m3["token_passes"] == 3 * c.group_size * prompt + m3["tokens"] and m3["tokens"] == 3 * m1["tokens"]
 
 
+@dataclasses.dataclass(frozen=True)
+class _ParityTask:
+    """Arithmetic questions scored 1 when the completion's first character has an even code point: about half of a
+    random model's sampled answers, so k samples per prompt mix right and wrong ones."""
+
+    base: tasks.Arithmetic = tasks.Arithmetic(digits=1)
+    name: str = "parity"
+
+    def sample(self, rng, n):
+        return self.base.sample(rng, n)
+
+    def score(self, problem, completion):
+        return float(bool(completion) and ord(completion[0]) % 2 == 0)
+
+
+def test_sampled_pass_at_k_is_logged_from_each_prompts_k_answers():
+    """Temperature 1, 3 samples per prompt: the logged pass@1 / pass@3 equal the unbiased estimator over the
+    generation's own texts, re-scored here; the generation is one where some prompt had both right and wrong
+    samples, so pass@3 > pass@1 (the check cannot pass by everything scoring 0)."""
+    params = model.init_params(jax.random.key(0), TINY, scale=0.1)
+    c = LLMConfig(model="tiny", task="digits", digits=1, chat=False, system_prompt="none", population_size=4,
+                  group_size=2, prompts_per_member=2, max_new_tokens=3, sigma=0.05, learning_rate=0.01,
+                  samples_per_prompt=3, temperature=1.0)
+    task = _ParityTask()
+    trainer = es.ESTrainer(cfg=TINY, params=params, tokenizer=tokenizer.ByteTokenizer(), config=c, task=task,
+                           seed=0)
+    _, m = trainer.run_generation(trainer.state, 0)
+    problems = trainer.problems_for(0)
+    correct = np.zeros((4, 2), np.int64)
+    for member, texts in enumerate(m["texts"]):          # [prompt 0 × 3 samples, prompt 1 × 3 samples]
+        assert len(texts) == 6
+        for b in range(2):
+            p = problems[(member // 2) * 2 + b]
+            correct[member, b] = sum(task.score(p, t) >= 1.0 for t in texts[3 * b:3 * b + 3])
+    assert ((correct > 0) & (correct < 3)).any()
+    assert m["pass_at_1"] == pytest.approx(float((correct / 3).mean()), abs=1e-12)
+    want_k = float(np.mean(correct > 0))
+    assert m["pass_at_k"] == pytest.approx(want_k, abs=1e-12) and m["pass_at_k"] > m["pass_at_1"]
+    assert m["score"] == pytest.approx(float(correct.sum() / 24), abs=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Token-passes of GRPO
 # ----------------------------------------------------------------------------------------------------------------
