@@ -27,7 +27,7 @@ figure, ``cells/`` the run directories)::
 ``--budget``, ``--tune-budget`` and ``--eval-every``: a count of token-passes (``250000``, ``2.5e5``) or a multiple
 of the calibrated budget (``0.25x``; ``--eval-every``: of the run's budget).
 
-The shared problem: ``llm-countdown`` (``esx train llm-countdown``; SmolLM2-135M-Instruct, 3 numbers in [1, 10],
+The shared problem: ``llm-countdown`` (``esx train llm-countdown``; SmolLM2-135M-Instruct, 2 numbers in [1, 40],
 lenient scoring, 32 new tokens, hash-disjoint training / tuning / validation splits) with ``--model`` and any
 ``--set field=value`` of :class:`esx_envs.llm.config.LLMConfig` (``--set val_size=64``, ``--set system_prompt=none``);
 both methods take the model, the task, the prompt and ``max_new_tokens`` from it. ``--model tiny`` (the random
