@@ -1,19 +1,23 @@
 """EGGROLL vs OpenES vs PPO per environment at a budget of environment steps: a markdown table, JSON and one figure.
 
     python3 scripts/rl_table.py --configs paper-cartpole,navix-dynamic-obstacles --env-steps 200000 --seeds 3 \\
-        --out runs/rl_table [--population 256 --width 64 --depth 2] [--methods eggroll,open_es,ppo] [--resume]
+        --out runs/rl_table [--population 256 --width 64 --depth 2] [--methods eggroll,open_es,ppo] [--resume] \\
+        [--member-batch 256]
 
-Cells are (config, method, seed). ``eggroll`` and ``open_es`` train the named config of ``esx train`` (its
+Cells are (config, method, seed), run config by config, and within a config seed by seed with the methods in turn
+(so load from other jobs falls on each method alike; every cell records the 1-minute load average at its start and
+end). ``eggroll`` and ``open_es`` train the named config of ``esx train`` (its
 population, rank, σ, optimizer and policy unless overridden here) with ``strategy=`` set, one generation at a time,
 until the environment steps the population took (counted exactly: the steps every member acted, from the rollouts'
 ``ObsMoments``) reach ``--env-steps``; the final score is the greedy return of the unperturbed policy over
 ``--eval-episodes`` episodes. The wall-clock per environment step leaves out the first generation (compilation).
-``ppo`` trains rejax's PPO (extra ``rl-ppo``; rejax's default hyperparameters and network, rejax's own environment
-wrappers) for the same number of environment steps and scores the last of rejax's own evaluations (128 episodes,
-actions sampled from the policy, as rejax evaluates). With rejax 0.1.3 this ran for gymnax and Navix; it fails for
-Brax 0.14 (its wrapper reads a ``State.time`` that Brax no longer has), Jumanji (structured observation spaces) and
-Craftax (its wrapper's parameters cannot be deep-copied, and Craftax's ``Discrete`` space is not gymnax's), is not
-wired for Kinetix, and a failure skips that environment's PPO cells.
+``ppo`` trains rejax's PPO (extra ``rl-ppo``; rejax's default hyperparameters and network) for the same number of
+environment steps on the same environment as the ES cells: the config's adapter as a gymnax-style environment
+(:class:`esx_envs.rl.gymnax_env.AdapterEnv`, auto-resetting, the config's ``max_steps``), with rejax's observation
+normalisation where the config normalises observations. rejax's own wrappers failed on Brax 0.14, Jumanji and
+Craftax (docs/rl.md); through the adapter every suite esx adapts runs. The score is the last of rejax's own
+evaluations (128 episodes, actions sampled from the policy, as rejax evaluates). A PPO failure is reported and skips
+that environment's PPO cells.
 
 Normalisation (as the paper reports returns relative to PPO): ``score = 1 + (R - R_PPO) / |R_PPO|``, which is
 ``R / R_PPO`` for positive PPO returns and stays increasing in ``R`` for negative ones (Pendulum); mean ± standard
@@ -33,8 +37,6 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("eggroll", "open_es", "ppo")
-#: esx env prefix -> rejax's (rejax.compat.create: "<suite>/<name>"); gymnax names pass unchanged.
-_REJAX_PREFIX = {"brax:": "brax/", "craftax:": "craftax/", "jumanji:": "jumanji/", "navix:": "navix/"}
 
 
 def _key(cell: dict) -> str:
@@ -62,7 +64,7 @@ def es_config(name: str, method: str, seed: int, args: argparse.Namespace):
     from esx_envs import configs
 
     overrides = [f"strategy={method}", f"seed={seed}", f"final_eval_episodes={args.eval_episodes}"]
-    for field in ("population", "width", "depth", "max_steps", "rank"):
+    for field in ("population", "width", "depth", "max_steps", "rank", "member_batch"):
         value = getattr(args, field)
         if value is not None:
             overrides.append(f"{'population_size' if field == 'population' else field}={value}")
@@ -76,6 +78,7 @@ def run_es(name: str, method: str, seed: int, args: argparse.Namespace) -> dict:
     import numpy as np
 
     from esx.noise import stream_key
+    from esx.run import RunState
     from esx_envs.rl import update_obs_stats
 
     cfg = es_config(name, method, seed, args)
@@ -102,65 +105,35 @@ def run_es(name: str, method: str, seed: int, args: argparse.Namespace) -> dict:
             timed_steps, timed_s = timed_steps + n, timed_s + time.perf_counter() - t
         steps, gens = steps + n, gens + 1
     wall = time.perf_counter() - start
-    returns = np.asarray(setup.parts.final_evaluator(es_state.params, jax.random.key(10_000 + seed), stats))
-    return {"final_return": float(returns.mean()), "env_steps": steps, "generations": gens, "wall_s": wall,
+    # the runner's own final evaluation (its key: what `esx train` would report at this state, `esx eval` repeats)
+    _, returns = setup.evaluate(RunState(es_state, stats, run_key), True)
+    return {"final_return": float(np.mean(returns)), "env_steps": steps, "generations": gens, "wall_s": wall,
             "us_per_env_step": (timed_s / timed_steps * 1e6) if timed_steps else None,
             "population_size": cfg.population_size, "policy": f"{cfg.depth}x{cfg.width}"}
 
 
-class _FiveTupleStep:
-    """An environment whose ``step`` returns rejax 0.1.3's five values: gymnax >= 1.0 returns six (``terminated``
-    and ``truncated`` apart); rejax unpacks five and treats the fourth as ``done``, so they are or-ed."""
-
-    def __init__(self, env):
-        self._env = env
-
-    def __getattr__(self, name):
-        if name.startswith("_"):          # copy / deepcopy probe dunders before _env exists
-            raise AttributeError(name)
-        return getattr(self._env, name)
-
-    def step(self, key, state, action, params=None):
-        out = self._env.step(key, state, action, params)
-        if len(out) == 6:
-            import jax.numpy as jnp
-
-            obs, state, reward, terminated, truncated, info = out
-            return obs, state, reward, jnp.logical_or(terminated, truncated), info
-        return out
-
-
 def run_ppo(name: str, seed: int, args: argparse.Namespace) -> dict | None:
-    """One PPO cell with rejax, or ``None`` when rejax or the suite's wrapper is not available."""
+    """One PPO cell with rejax on the config's environment through :class:`esx_envs.rl.gymnax_env.AdapterEnv` (the
+    same adapter and episode limit as the ES cells; observation normalisation as the config's ``obs_norm``), or
+    ``None`` when rejax is not installed."""
     try:
         import jax
         from rejax import PPO
     except ImportError:
         return None
-    from esx_envs import configs
+    from esx_envs.rl import make_adapter
+    from esx_envs.rl.gymnax_env import AdapterEnv
 
-    env = configs.get_config(name).env
-    for prefix, rejax_prefix in _REJAX_PREFIX.items():
-        if env.startswith(prefix):
-            env = rejax_prefix + env[len(prefix):]
-            break
-    else:
-        if ":" in env:                     # kinetix: and any other suite rejax is not wired to here
-            return None
-    if "/" in env:                         # rejax's own wrapper of the suite (its step returns five values)
-        env_args = {"env": env}
-    else:                                  # gymnax >= 1.0: six values, wrapped
-        from rejax.compat import create
-
-        env_obj, env_params = create(env)
-        env_args = {"env": _FiveTupleStep(env_obj), "env_params": env_params}
-    algo = PPO.create(**env_args, total_timesteps=args.env_steps, eval_freq=args.env_steps,
-                      skip_initial_evaluation=True, num_envs=args.ppo_envs, num_steps=args.ppo_steps)
+    cfg = es_config(name, "eggroll", seed, args)
+    env = AdapterEnv(make_adapter(cfg.env, max_steps=cfg.max_steps))
+    algo = PPO.create(env=env, env_params=env.default_params, total_timesteps=args.env_steps,
+                      eval_freq=args.env_steps, skip_initial_evaluation=True, num_envs=args.ppo_envs,
+                      num_steps=args.ppo_steps, normalize_observations=bool(cfg.obs_norm))
     start = time.perf_counter()
     _, (lengths, returns) = jax.jit(algo.train)(jax.random.key(seed))
     returns.block_until_ready()
     return {"final_return": float(returns[-1].mean()), "env_steps": int(args.env_steps), "wall_s":
-            time.perf_counter() - start, "us_per_env_step": None, "rejax_env": env}
+            time.perf_counter() - start, "us_per_env_step": None, "env": cfg.env, "max_steps": env.adapter.max_steps}
 
 
 def summarise(cells: dict, names: list[str], methods: list[str]) -> dict:
@@ -259,6 +232,8 @@ def main(argv=None) -> dict:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--depth", type=int, default=None)
     p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--member-batch", type=int, default=None,
+                   help="evaluate this many members at a time (memory; OpenES at the paper's populations)")
     p.add_argument("--eval-episodes", type=int, default=32)
     p.add_argument("--ppo-envs", type=int, default=16)
     p.add_argument("--ppo-steps", type=int, default=64)
@@ -271,23 +246,29 @@ def main(argv=None) -> dict:
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "cells.json")
     cells = load_cells(path) if args.resume else {}
+    unavailable: set[tuple[str, str]] = set()
     for name in names:
-        for method in methods:
-            for seed in range(args.seeds):
+        for seed in range(args.seeds):
+            for method in methods:          # methods alternate within a seed: machine load falls on each alike
                 cell = {"config": name, "method": method, "seed": seed}
-                if _key(cell) in cells:
+                if _key(cell) in cells or (name, method) in unavailable:
                     continue
+                load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
                 if method == "ppo":
                     try:
                         result = run_ppo(name, seed, args)
                     except Exception as e:  # rejax 0.1.3 fails on some suites (docs/rl.md); the ES cells go on
                         print(f"{name} ppo: rejax failed ({type(e).__name__}: {str(e)[:200]}); skipped", flush=True)
-                        break
+                        unavailable.add((name, method))
+                        continue
                 else:
                     result = run_es(name, method, seed, args)
                 if result is None:
                     print(f"{name} {method}: not available (skipped)", flush=True)
-                    break
+                    unavailable.add((name, method))
+                    continue
+                if load_start is not None:
+                    result["load_1min"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
                 cells[_key(cell)] = {**cell, **result}
                 save_cells(path, cells, args)
                 print(f"{name} {method} seed {seed}: return {result['final_return']:.2f} "

@@ -115,9 +115,15 @@ def test_keep_best_is_the_argmax_of_the_logged_evaluations(tmp_path):
         if rec["generation"] >= best["generation"] + 2:
             raise KeyboardInterrupt
     run.train(task, tmp_path / "b", progress=False, callback=stop, log=lambda s: None)
+    # a crash between the best checkpoint and its best.json copy leaves a stale best.json: the resumed run must
+    # still compare with the kept checkpoint's own value (else a later, worse evaluation would replace it)
+    (tmp_path / "b" / "best" / "best.json").write_text(json.dumps({"generation": 0, "value": -1e9}))
     run.train(task, tmp_path / "b", resume=True, progress=False, log=lambda s: None)
     _, state_b, info_b = run.load_best(tmp_path / "b", task)
     assert info_b == info and np.array_equal(state_b.es.params["x"], state.es.params["x"])
+    assert json.loads((tmp_path / "b" / "best" / "best.json").read_text()) == info   # the copy is rewritten
+    (tmp_path / "b" / "best" / "best.json").unlink()             # the record travels with the state
+    assert run.load_best(tmp_path / "b", task)[2] == info
     run.train(dataclasses.replace(task, config=config.replace(keep_best=False)), tmp_path / "c", progress=False)
     assert not (tmp_path / "c" / "best").exists()
     with pytest.raises(run.CheckpointError, match="no best state"):

@@ -46,3 +46,20 @@ def test_one_tiny_cell_writes_json_markdown_figure_and_resumes(table, tmp_path):
     assert "| cartpole |" in (tmp_path / "table.md").read_text() and (tmp_path / "table.png").stat().st_size > 0
     table.main(argv + ["--resume"])                             # the finished cell is kept, not run again
     assert json.loads((tmp_path / "cells.json").read_text())["cells"] == cells
+
+
+def test_methods_take_turns_within_a_seed_and_ppo_shares_the_es_episode_limit(table, tmp_path):
+    """Cells run seed by seed with the methods in turn (load falls on each alike; every cell records the load),
+    and PPO trains through AdapterEnv on the config's adapter with the same ``max_steps`` as the ES cells."""
+    pytest.importorskip("rejax")
+    argv = ["--configs", "cartpole", "--methods", "eggroll,open_es,ppo", "--env-steps", "256", "--seeds", "2",
+            "--out", str(tmp_path), "--population", "4", "--width", "4", "--depth", "0", "--max-steps", "20",
+            "--eval-episodes", "2", "--ppo-envs", "4", "--ppo-steps", "32"]
+    table.main(argv)
+    cells = json.loads((tmp_path / "cells.json").read_text())["cells"]
+    assert [(c["method"], c["seed"]) for c in cells] == [("eggroll", 0), ("open_es", 0), ("ppo", 0),
+                                                          ("eggroll", 1), ("open_es", 1), ("ppo", 1)]
+    assert all(len(c["load_1min"]) == 2 for c in cells)
+    for c in cells:
+        if c["method"] == "ppo":
+            assert c["env"] == "CartPole-v1" and c["max_steps"] == 20 and 1 <= c["final_return"] <= 20

@@ -286,9 +286,18 @@ class _BestKeeper:
         self.setup, self.run_path, self.run_id = setup, run_path, run_id
         self.on = bool(getattr(setup.config, "keep_best", False)) and run_path is not None
         self.value = None
-        path = run_path / BEST_DIR / "best.json" if self.on else None
-        if resume and self.on and path.exists() and list_checkpoints(run_path / BEST_DIR):
-            self.value = float(json.loads(path.read_text())["value"])
+        kept = list_checkpoints(run_path / BEST_DIR) if self.on and resume else []
+        if kept:   # the kept checkpoint's own meta.json is authoritative (best.json is a copy written after it)
+            meta = json.loads((kept[-1] / "meta.json").read_text())
+            self.value = float(meta["value"])
+            if "best" in meta:   # a crash between the two writes left the copy stale or missing: write it again
+                self._write_record(meta["best"])
+
+    def _write_record(self, record: dict) -> None:
+        folder = self.run_path / BEST_DIR
+        tmp = folder / f".best.json.{os.getpid()}"
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, folder / "best.json")
 
     def offer(self, state: RunState, value: float, totals: dict) -> None:
         better = self.value is None or (value > self.value if self.setup.higher_is_better else value < self.value)
@@ -296,10 +305,10 @@ class _BestKeeper:
             return
         self.value = value
         folder = self.run_path / BEST_DIR
+        record = {"generation": state.generation, "score": self.setup.score, "value": value, **totals}
         save_checkpoint(folder, state, self.setup.config, self.run_id, keep=1,
-                        extra={"score": self.setup.score, "value": value})
-        (folder / "best.json").write_text(json.dumps(
-            {"generation": state.generation, "score": self.setup.score, "value": value, **totals}, indent=1))
+                        extra={"score": self.setup.score, "value": value, "best": record})
+        self._write_record(record)
 
 
 def load_best(run_dir: str | os.PathLike, setup: Setup | None = None, *,
@@ -315,7 +324,9 @@ def load_best(run_dir: str | os.PathLike, setup: Setup | None = None, *,
     if not ckpts:
         raise CheckpointError(f"{run_dir} has no best state (train with keep_best=True)")
     setup, _ = load_run(run_dir, setup, default_kind=default_kind)
-    state, _ = load_checkpoint(ckpts[-1], setup.initial_state())
+    state, meta = load_checkpoint(ckpts[-1], setup.initial_state())
+    if "best" in meta:   # the record saved with the state (best.json is a copy of it)
+        return setup, state, meta["best"]
     return setup, state, json.loads((run_dir / BEST_DIR / "best.json").read_text())
 
 
