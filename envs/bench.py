@@ -26,12 +26,20 @@ Cases (``--cases`` takes a comma-separated subset):
   ``esx.step`` (compile included) and reports its peak RSS (``ru_maxrss``: the whole process, compile included);
   then, in this process, ``esx.step`` at ``N = 2^14`` batched (4096) and unbatched, timed in interleaved rounds.
 
+* ``B7`` -- LLM population generation: member-tokens/s of an EGGROLL population (every member its own low-rank
+  perturbation of SmolLM2-135M-Instruct, one prompt each, ``strategy.evaluate``) vs plain inference generating the
+  same batch with the unperturbed model (``model.generate`` on ``N`` prompts); 32 prompt tokens, 32 new tokens, no
+  stop tokens (both sides generate every token), greedy, KV cache. The hyperscale issue's target (≥ 0.9 at
+  ``N ≥ 4096`` on one GPU) is for a GPU: ``scripts/gpu_bench.sh`` runs it there (``B7_POP``, ``B7_MEMBER_BATCH``);
+  on CPU the case runs ``N = 64`` (bfloat16 on GPU, float32 on CPU) and reports the ratio without a target.
+
 ``--quick`` shrinks every size so the whole suite runs in seconds (used by the tests); ``--json PATH`` writes
 ``{"meta": {...}, "cases": {name: {"config", "measured", "ratios", "targets", "met", "notes"}}}``.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -52,7 +60,7 @@ from jax import lax
 import esx
 from esx import noise as noise_lib
 
-CASES = ("B1a", "B1b", "B2", "B3", "B4", "B5", "B6")
+CASES = ("B1a", "B1b", "B2", "B3", "B4", "B5", "B6", "B7")
 SOURCES = noise_lib.NOISE_SOURCES
 
 TARGETS = {
@@ -65,6 +73,7 @@ TARGETS = {
     "B5": "population-evaluation memory / inference memory <= 1.2",
     "B6": "member_batch 4096: peak RSS at N=2^20 <= 2 GiB; peak RSS N=2^20 / N=2^12 <= 1.15; "
           "throughput batched / unbatched >= 0.90",
+    "B7": ">= 0.90 on one GPU at N >= 4096 (population member-tokens/s / inference tokens/s); CPU: no target",
 }
 
 
@@ -629,15 +638,67 @@ def case_b6(*, quick: bool, repeats: int, sources) -> dict:
     config = {"model": f"MLP 2x{width} tanh, biases", "rows_per_member": rows, "rank": 1, "noise": "hash",
               "member_batch": k, "populations": [f"2^{e}" for e in log2n], "timed_population": timed_n}
     notes = ("peak RSS: ru_maxrss of a fresh process per N (imports, compile and one esx.step); the GPU row of the "
-             "hyperscale issue (SmolLM2-135M, N >= 4096, member-tokens/s vs inference) needs a GPU: "
-             "scripts/gpu_bench.py")
+             "hyperscale issue (SmolLM2-135M, N >= 4096, member-tokens/s vs inference) is case B7, on a GPU: "
+             "scripts/gpu_bench.sh")
     return {"config": config, "measured": measured, "ratios": ratios, "targets": targets, "met": met,
             "notes": notes}
 
 
+# ----------------------------------------------------------------------------------------------- B7
+def case_b7(*, quick: bool, repeats: int, sources, population_size: int | None = None,
+            member_batch: int | None = None, model: str | None = None) -> dict:
+    """Population generation vs plain inference of the same batch (see the module docstring)."""
+    from esx_envs.llm import model as model_lib
+    from esx_envs.llm import task as task_lib
+
+    on_gpu = jax.default_backend() == "gpu"
+    model = model or ("tiny" if quick else "smollm2")
+    dtype = jnp.bfloat16 if on_gpu and model != "tiny" else jnp.float32
+    pop = population_size or (8 if quick else (4096 if on_gpu else 64))
+    prompt_len, new_tokens = (8, 4) if quick else (32, 32)
+    source = "hash" if "hash" in sources else sources[-1]
+    cfg, params, _ = task_lib.load_model(model, dtype)
+    options = model_lib.GenerateOptions(max_new_tokens=new_tokens)   # no stop ids: every token is generated
+    ids = jax.random.randint(jax.random.key(5), (pop, 1, prompt_len), 3, cfg.vocab_size, jnp.int32)
+    mask = jnp.ones((pop, 1, prompt_len), bool)
+    key = jax.random.key(1)
+    strategy = esx.eggroll(population_size=pop, sigma=1e-3, optimizer=optax.sgd(1e-3), rank=1, noise_source=source,
+                           labels=model_lib.labels(cfg), member_batch=member_batch)
+    state = strategy.init(jax.random.key(0), params)
+
+    def fitness(view, k, data):
+        out, lengths = model_lib.generate(view, data[0], data[1], k, cfg=cfg, options=options)
+        return jnp.zeros((), jnp.float32), (out, lengths)
+
+    # --quick (the tests): XLA's cheapest code generation, since compiling the two generation loops is all it costs
+    jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0}) if quick else jax.jit
+    population = jit(lambda st, d: strategy.evaluate(st, fitness, key, d, data_per_member=True,
+                                                     has_aux=True)[1][0])
+    inference = jit(lambda p, i, m: model_lib.generate(p, i, m, key, cfg=cfg, options=options)[0])
+    flat_ids, flat_mask = ids.reshape(pop, prompt_len), mask.reshape(pop, prompt_len)
+    fns = {"inference": lambda: inference(params, flat_ids, flat_mask),
+           "population": lambda: population(state, (ids, mask))}
+    times = time_interleaved(fns, repeats=repeats)
+    tokens = pop * new_tokens
+    name = f"population / inference tokens/s (N={pop}{', member_batch ' + str(member_batch) if member_batch else ''})"
+    ratios = {name: _ratio(times["inference"], times["population"])}
+    measured = {"inference_s": _med(times["inference"]), "population_s": _med(times["population"]),
+                "inference_tokens_per_s": tokens / _med(times["inference"]),
+                "population_member_tokens_per_s": tokens / _med(times["population"])}
+    gpu_target = on_gpu and pop >= 4096 and not quick
+    config = {"model": model, "dtype": jnp.dtype(dtype).name, "population_size": pop, "member_batch": member_batch,
+              "prompt_tokens": prompt_len, "new_tokens": new_tokens, "rank": 1, "noise": source,
+              "decoding": "greedy, KV cache, no stop tokens"}
+    notes = ("target >= 0.90 applies on one GPU at N >= 4096 (scripts/gpu_bench.sh); here it is informational"
+             if not gpu_target else "the hyperscale issue's GPU row")
+    return {"config": config, "measured": measured, "ratios": ratios,
+            "targets": {name: ">= 0.90" if gpu_target else "(GPU only)"},
+            "met": {name: ratios[name] >= 0.90} if gpu_target else {}, "notes": notes}
+
+
 # ----------------------------------------------------------------------------------------------- driver
 CASE_FNS = {"B1a": case_b1a, "B1b": case_b1b, "B2": case_b2, "B3": case_b3, "B4": case_b4, "B5": case_b5,
-            "B6": case_b6}
+            "B6": case_b6, "B7": case_b7}
 
 
 def environment() -> dict:

@@ -4,6 +4,8 @@ B1-GPU: one 8192×8192 bf16 layer, batch 1024 (one row per member), rank 1: infe
 forward time, noise drawn on the fly (``strategy.evaluate``) and pre-generated (``strategy.ask`` once, untimed; then
 ``strategy.view`` per member). Paper (GH200): 0.91 pre-generated, 0.69 on the fly.
 B2-GPU: EGGROLL vs full-rank ES (esx.open_es, evosax Open_ES) on one 1024×1024 layer: time per generation.
+B7-GPU: SmolLM2-135M population generation (N = B7_POP, default 4096; B7_MEMBER_BATCH) vs plain inference of the
+same batch, member-tokens/s (esx_envs.bench.case_b7; target >= 0.9).
 All ratios interleaved in one process (median over rounds).
 """
 import json
@@ -96,6 +98,18 @@ def main():
                 say(line)
         except Exception as e:
             say(f"B2 failed: {type(e).__name__}: {e}")
+    if os.environ.get("SKIP_B7") != "1":   # the hyperscale issue's GPU row: SmolLM2-135M, N >= 4096 on one card
+        try:
+            mb = os.environ.get("B7_MEMBER_BATCH")
+            res = bench.case_b7(quick=False, repeats=5, sources=["hash"],
+                                population_size=int(os.environ.get("B7_POP", "4096")),
+                                member_batch=int(mb) if mb else None)
+            res["device"], res["jax"], res["wall_s"] = meta["device"], meta["jax"], 0.0
+            results["cases"]["B7"] = res
+            for line in bench.format_case("B7", res):
+                say(line)
+        except Exception as e:
+            say(f"B7 failed: {type(e).__name__}: {e}")
     results["meta"]["wall_s"] = time.time() - t0
     with open(os.path.join(OUT, "gpu_bench.json"), "w") as fh:
         json.dump(results, fh, indent=1, default=str)
