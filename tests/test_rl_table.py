@@ -52,13 +52,13 @@ def test_methods_take_turns_within_a_seed_and_ppo_shares_the_es_episode_limit(ta
     """Cells run seed by seed with the methods in turn (load falls on each alike; every cell records the load),
     and PPO trains through AdapterEnv on the config's adapter with the same ``max_steps`` as the ES cells."""
     pytest.importorskip("rejax")
-    argv = ["--configs", "cartpole", "--methods", "eggroll,open_es,ppo", "--env-steps", "256", "--seeds", "2",
-            "--out", str(tmp_path), "--population", "4", "--width", "4", "--depth", "0", "--max-steps", "20",
-            "--eval-episodes", "2", "--ppo-envs", "4", "--ppo-steps", "32"]
-    table.main(argv)
+    argv = ["--configs", "cartpole", "--env-steps", "256", "--out", str(tmp_path), "--population", "4", "--width",
+            "4", "--depth", "0", "--max-steps", "20", "--eval-episodes", "2", "--ppo-envs", "4", "--ppo-steps", "32"]
+    table.main(argv + ["--methods", "eggroll,open_es,ppo", "--seeds", "1"])
+    table.main(argv + ["--methods", "eggroll,open_es", "--seeds", "2", "--resume"])   # one PPO compile is enough
     cells = json.loads((tmp_path / "cells.json").read_text())["cells"]
     assert [(c["method"], c["seed"]) for c in cells] == [("eggroll", 0), ("open_es", 0), ("ppo", 0),
-                                                          ("eggroll", 1), ("open_es", 1), ("ppo", 1)]
+                                                          ("eggroll", 1), ("open_es", 1)]
     assert all(len(c["load_1min"]) == 2 for c in cells)
     for c in cells:
         if c["method"] == "ppo":
