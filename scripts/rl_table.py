@@ -3,13 +3,15 @@
     python3 scripts/rl_table.py --configs paper-cartpole,navix-dynamic-obstacles --env-steps 200000 --seeds 3 \\
         --out runs/rl_table [--population 256 --width 64 --depth 2] [--methods eggroll,open_es,ppo] [--resume] \\
         [--member-batch 256]
+    python3 scripts/rl_table.py --configs ... --minutes 2 --seeds 3 --out runs/rl_table   # equal wall-clock
 
 Cells are (config, method, seed), run config by config, and within a config seed by seed with the methods in turn
 (so load from other jobs falls on each method alike; every cell records the 1-minute load average at its start and
 end). ``eggroll`` and ``open_es`` train the named config of ``esx train`` (its
 population, rank, σ, optimizer and policy unless overridden here) with ``strategy=`` set, one generation at a time,
 until the environment steps the population took (counted exactly: the steps every member acted, from the rollouts'
-``ObsMoments``) reach ``--env-steps``; the final score is the greedy return of the unperturbed policy over
+``ObsMoments``) reach ``--env-steps``, or until ``--minutes`` of generation time have passed (the first, compiling,
+generation not counted; PPO then trains for the environment steps the EGGROLL cell of the same seed took); the final score is the greedy return of the unperturbed policy over
 ``--eval-episodes`` episodes. The wall-clock per environment step leaves out the first generation (compilation).
 ``ppo`` trains rejax's PPO (extra ``rl-ppo``; rejax's default hyperparameters and network) for the same number of
 environment steps on the same environment as the ES cells: the config's adapter as a gymnax-style environment
@@ -43,18 +45,30 @@ def _key(cell: dict) -> str:
     return f"{cell['config']}|{cell['method']}|{cell['seed']}"
 
 
-def load_cells(path: str) -> dict:
-    """``{"config|method|seed": cell}`` from ``cells.json`` (empty when the file does not exist)."""
+def load_cells(path: str, args: argparse.Namespace | None = None) -> dict:
+    """``{"config|method|seed": cell}`` from ``cells.json`` (empty when the file does not exist).
+
+    Raises:
+      SystemExit: ``args`` asks for another budget than the file's cells were run at (a table mixes no budgets).
+    """
     if not os.path.exists(path):
         return {}
     with open(path) as f:
-        return {_key(c): c for c in json.load(f)["cells"]}
+        data = json.load(f)
+    if args is not None:
+        have = (data.get("budget_env_steps"), data.get("budget_minutes"))
+        if have != (args.env_steps, args.minutes):
+            raise SystemExit(f"{path} holds cells run at env_steps={have[0]}, minutes={have[1]}; this call asks for "
+                             f"env_steps={args.env_steps}, minutes={args.minutes}: use the same budget to resume, "
+                             "or another --out")
+    return {_key(c): c for c in data["cells"]}
 
 
 def save_cells(path: str, cells: dict, args: argparse.Namespace) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({"budget_env_steps": args.env_steps, "cells": list(cells.values())}, f, indent=1)
+        json.dump({"budget_env_steps": args.env_steps, "budget_minutes": args.minutes, "cells": list(cells.values())},
+                  f, indent=1)
     os.replace(tmp, path)
 
 
@@ -72,7 +86,8 @@ def es_config(name: str, method: str, seed: int, args: argparse.Namespace):
 
 
 def run_es(name: str, method: str, seed: int, args: argparse.Namespace) -> dict:
-    """One ES cell: train until ``args.env_steps`` environment steps, then the greedy final return."""
+    """One ES cell: train until ``args.env_steps`` environment steps (or ``args.minutes`` of generation time after
+    the first, compiling, generation), then the greedy final return."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -97,7 +112,12 @@ def run_es(name: str, method: str, seed: int, args: argparse.Namespace) -> dict:
     es_state, stats, run_key = state.es, state.carry, state.key
     steps, gens, timed_steps, timed_s = 0, 0, 0, 0.0
     start = time.perf_counter()
-    while steps < args.env_steps:
+    def more() -> bool:
+        if args.minutes is not None:
+            return gens == 0 or timed_s < 60.0 * args.minutes
+        return steps < args.env_steps
+
+    while more():
         t = time.perf_counter()
         es_state, stats, n = generation(es_state, stats, run_key)
         n = int(n)
@@ -112,7 +132,7 @@ def run_es(name: str, method: str, seed: int, args: argparse.Namespace) -> dict:
             "population_size": cfg.population_size, "policy": f"{cfg.depth}x{cfg.width}"}
 
 
-def run_ppo(name: str, seed: int, args: argparse.Namespace) -> dict | None:
+def run_ppo(name: str, seed: int, args: argparse.Namespace, env_steps: int) -> dict | None:
     """One PPO cell with rejax on the config's environment through :class:`esx_envs.rl.gymnax_env.AdapterEnv` (the
     same adapter and episode limit as the ES cells; observation normalisation as the config's ``obs_norm``), or
     ``None`` when rejax is not installed."""
@@ -126,13 +146,13 @@ def run_ppo(name: str, seed: int, args: argparse.Namespace) -> dict | None:
 
     cfg = es_config(name, "eggroll", seed, args)
     env = AdapterEnv(make_adapter(cfg.env, max_steps=cfg.max_steps))
-    algo = PPO.create(env=env, env_params=env.default_params, total_timesteps=args.env_steps,
-                      eval_freq=args.env_steps, skip_initial_evaluation=True, num_envs=args.ppo_envs,
+    algo = PPO.create(env=env, env_params=env.default_params, total_timesteps=env_steps,
+                      eval_freq=env_steps, skip_initial_evaluation=True, num_envs=args.ppo_envs,
                       num_steps=args.ppo_steps, normalize_observations=bool(cfg.obs_norm))
     start = time.perf_counter()
     _, (lengths, returns) = jax.jit(algo.train)(jax.random.key(seed))
     returns.block_until_ready()
-    return {"final_return": float(returns[-1].mean()), "env_steps": int(args.env_steps), "wall_s":
+    return {"final_return": float(returns[-1].mean()), "env_steps": int(env_steps), "wall_s":
             time.perf_counter() - start, "us_per_env_step": None, "env": cfg.env, "max_steps": env.adapter.max_steps}
 
 
@@ -170,7 +190,9 @@ def write_markdown(path: str, summary: dict, methods: list[str], args: argparse.
             return f"{r['norm_mean']:.2f} ± {r['norm_se']:.2f}"
         return f"{r['mean']:.1f} ± {r['se']:.1f}"
 
-    lines = [f"Budget: {args.env_steps} environment steps per run; seeds {args.seeds}; normalised by PPO "
+    budget = (f"{args.minutes:g} minutes of generation time per ES run (PPO: the environment steps EGGROLL took)"
+              if args.minutes is not None else f"{args.env_steps} environment steps per run")
+    lines = [f"Budget: {budget}; seeds {args.seeds}; normalised by PPO "
              "(1 + (R − R_PPO)/|R_PPO|) where PPO ran, raw returns otherwise.", "",
              "| config | " + " | ".join(methods) + " | raw returns (" + ", ".join(methods) +
              ") | µs / env step EGGROLL | OpenES | OpenES / EGGROLL |",
@@ -223,7 +245,11 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", required=True, help="comma-separated named configs of esx train")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--env-steps", type=int, required=True, help="environment steps per run")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--env-steps", type=int, default=None, help="environment steps per run")
+    budget.add_argument("--minutes", type=float, default=None,
+                        help="minutes of generation time per ES run (after the compiling first generation); PPO "
+                             "then trains for the environment steps the EGGROLL cell of its seed took")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true", help="skip the cells already in OUT/cells.json")
@@ -243,9 +269,13 @@ def main(argv=None) -> dict:
     bad = [m for m in methods if m not in METHODS]
     if bad:
         p.error(f"unknown methods {bad}; valid: {list(METHODS)}")
+    if args.minutes is not None and "ppo" in methods and "eggroll" not in methods:
+        p.error("--minutes with ppo needs eggroll too: PPO trains for the environment steps EGGROLL took")
+    if (args.minutes is not None and args.minutes <= 0) or (args.env_steps is not None and args.env_steps <= 0):
+        p.error("the budget (--env-steps or --minutes) must be positive")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "cells.json")
-    cells = load_cells(path) if args.resume else {}
+    cells = load_cells(path, args) if args.resume else {}
     unavailable: set[tuple[str, str]] = set()
     for name in names:
         for seed in range(args.seeds):
@@ -255,8 +285,16 @@ def main(argv=None) -> dict:
                     continue
                 load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
                 if method == "ppo":
+                    steps = args.env_steps
+                    if args.minutes is not None:   # PPO takes the environment steps EGGROLL took in the minutes
+                        egg = cells.get(_key({"config": name, "method": "eggroll", "seed": seed}))
+                        if egg is None:
+                            print(f"{name} ppo seed {seed}: no EGGROLL cell to take the step budget from; skipped",
+                                  flush=True)
+                            continue
+                        steps = egg["env_steps"]
                     try:
-                        result = run_ppo(name, seed, args)
+                        result = run_ppo(name, seed, args, steps)
                     except Exception as e:  # rejax 0.1.3 fails on some suites (docs/rl.md); the ES cells go on
                         print(f"{name} ppo: rejax failed ({type(e).__name__}: {str(e)[:200]}); skipped", flush=True)
                         unavailable.add((name, method))

@@ -49,17 +49,24 @@ def test_one_tiny_cell_writes_json_markdown_figure_and_resumes(table, tmp_path):
 
 
 def test_methods_take_turns_within_a_seed_and_ppo_shares_the_es_episode_limit(table, tmp_path):
-    """Cells run seed by seed with the methods in turn (load falls on each alike; every cell records the load),
-    and PPO trains through AdapterEnv on the config's adapter with the same ``max_steps`` as the ES cells."""
+    """Cells run seed by seed with the methods in turn (load falls on each alike; every cell records the load).
+    With a budget in minutes each ES cell trains past its compiling first generation and PPO takes the environment
+    steps the EGGROLL cell of its seed took, on the config's adapter with the same ``max_steps`` (AdapterEnv). A
+    resume at another budget is refused."""
     pytest.importorskip("rejax")
-    argv = ["--configs", "cartpole", "--env-steps", "256", "--out", str(tmp_path), "--population", "4", "--width",
-            "4", "--depth", "0", "--max-steps", "20", "--eval-episodes", "2", "--ppo-envs", "4", "--ppo-steps", "32"]
-    table.main(argv + ["--methods", "eggroll,open_es,ppo", "--seeds", "1"])
-    table.main(argv + ["--methods", "eggroll,open_es", "--seeds", "2", "--resume"])   # one PPO compile is enough
-    cells = json.loads((tmp_path / "cells.json").read_text())["cells"]
+    argv = ["--configs", "cartpole", "--out", str(tmp_path), "--population", "4", "--width", "4", "--depth", "0",
+            "--max-steps", "20", "--eval-episodes", "2", "--ppo-envs", "4", "--ppo-steps", "32"]
+    table.main(argv + ["--minutes", "0.002", "--methods", "eggroll,open_es,ppo", "--seeds", "1"])
+    table.main(argv + ["--minutes", "0.002", "--methods", "eggroll,open_es", "--seeds", "2", "--resume"])
+    data = json.loads((tmp_path / "cells.json").read_text())
+    cells = data["cells"]
+    assert data["budget_minutes"] == 0.002 and data["budget_env_steps"] is None
     assert [(c["method"], c["seed"]) for c in cells] == [("eggroll", 0), ("open_es", 0), ("ppo", 0),
                                                           ("eggroll", 1), ("open_es", 1)]
     assert all(len(c["load_1min"]) == 2 for c in cells)
-    for c in cells:
-        if c["method"] == "ppo":
-            assert c["env"] == "CartPole-v1" and c["max_steps"] == 20 and 1 <= c["final_return"] <= 20
+    assert all(c["generations"] >= 2 for c in cells if c["method"] != "ppo")
+    ppo = cells[2]
+    assert ppo["env_steps"] == cells[0]["env_steps"] and ppo["env"] == "CartPole-v1" and ppo["max_steps"] == 20
+    assert 1 <= ppo["final_return"] <= 20
+    with pytest.raises(SystemExit, match="use the same budget"):
+        table.main(argv + ["--env-steps", "256", "--seeds", "2", "--resume"])
