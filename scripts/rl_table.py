@@ -145,7 +145,7 @@ def run_ppo(name: str, seed: int, args: argparse.Namespace, env_steps: int) -> d
     from esx_envs.rl.gymnax_env import AdapterEnv
 
     cfg = es_config(name, "eggroll", seed, args)
-    env = AdapterEnv(make_adapter(cfg.env, max_steps=cfg.max_steps))
+    env = AdapterEnv(make_adapter(cfg.env, max_steps=cfg.max_steps or None))   # 0: the suite's limit, as ES
     algo = PPO.create(env=env, env_params=env.default_params, total_timesteps=env_steps,
                       eval_freq=env_steps, skip_initial_evaluation=True, num_envs=args.ppo_envs,
                       num_steps=args.ppo_steps, normalize_observations=bool(cfg.obs_norm))

@@ -103,3 +103,11 @@ def test_rejax_ppo_trains_through_the_adapter_on_brax():
     lengths, returns = np.asarray(lengths), np.asarray(returns)
     assert np.isfinite(returns).all() and (returns > 0).all()     # IDP pays a survival bonus every step
     assert (lengths >= 1).all() and (lengths <= 30).all()
+
+
+def test_adapter_env_refuses_an_adapter_without_an_episode_limit():
+    """max_steps 0 (a config's "the suite's own limit", resolved by make_adapter(max_steps=None)) would end every
+    episode at its first step: refused, never a silent return of 0."""
+    with pytest.raises(ValueError, match="max_steps is 0"):
+        AdapterEnv(make_adapter("CartPole-v1", max_steps=0))
+    assert AdapterEnv(make_adapter("CartPole-v1", max_steps=None)).default_params.max_steps_in_episode == 500

@@ -49,6 +49,9 @@ class AdapterEnv:
     """A gymnax-style environment over an esx adapter (see the module docstring). Stateless: copies are itself."""
 
     def __init__(self, adapter: Any):
+        if not int(adapter.max_steps) >= 1:
+            raise ValueError(f"AdapterEnv: the adapter's max_steps is {adapter.max_steps}; episodes need a limit >= 1 "
+                             "(make_adapter(name, max_steps=None) gives the suite's own)")
         self.adapter = adapter
 
     def __deepcopy__(self, memo):   # rejax deep-copies its config, which holds the environment
