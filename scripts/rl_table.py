@@ -188,7 +188,7 @@ def write_markdown(path: str, summary: dict, methods: list[str], args: argparse.
             return "–"
         if norm and r.get("norm_mean") is not None:
             return f"{r['norm_mean']:.2f} ± {r['norm_se']:.2f}"
-        return f"{r['mean']:.1f} ± {r['se']:.1f}"
+        return f"{r['mean']:.1f} ± {r['se']:.1f} (n={r['n']})"
 
     budget = (f"{args.minutes:g} minutes of generation time per ES run (PPO: the environment steps EGGROLL took)"
               if args.minutes is not None else f"{args.env_steps} environment steps per run")
@@ -253,6 +253,8 @@ def main(argv=None) -> dict:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true", help="skip the cells already in OUT/cells.json")
+    p.add_argument("--report", action="store_true",
+                   help="train nothing: write table.md and table.png from the cells OUT/cells.json holds")
     p.add_argument("--population", type=int, default=None)
     p.add_argument("--rank", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
@@ -275,13 +277,13 @@ def main(argv=None) -> dict:
         p.error("the budget (--env-steps or --minutes) must be positive")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "cells.json")
-    cells = load_cells(path, args) if args.resume else {}
+    cells = load_cells(path, args) if args.resume or args.report else {}
     unavailable: set[tuple[str, str]] = set()
     for name in names:
         for seed in range(args.seeds):
             for method in methods:          # methods alternate within a seed: machine load falls on each alike
                 cell = {"config": name, "method": method, "seed": seed}
-                if _key(cell) in cells or (name, method) in unavailable:
+                if args.report or _key(cell) in cells or (name, method) in unavailable:
                     continue
                 load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
                 if method == "ppo":

@@ -46,6 +46,10 @@ def test_one_tiny_cell_writes_json_markdown_figure_and_resumes(table, tmp_path):
     assert "| cartpole |" in (tmp_path / "table.md").read_text() and (tmp_path / "table.png").stat().st_size > 0
     table.main(argv + ["--resume"])                             # the finished cell is kept, not run again
     assert json.loads((tmp_path / "cells.json").read_text())["cells"] == cells
+    (tmp_path / "table.md").unlink()
+    report = table.main(argv[:-2] + ["--seeds", "3", "--report"] + argv[-2:])   # trains nothing, writes the table
+    assert json.loads((tmp_path / "cells.json").read_text())["cells"] == cells and report == summary
+    assert f"{cells[0]['final_return']:.1f} ± 0.0 (n=1)" in (tmp_path / "table.md").read_text()
 
 
 def test_methods_take_turns_within_a_seed_and_ppo_shares_the_es_episode_limit(table, tmp_path):
