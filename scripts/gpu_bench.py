@@ -88,28 +88,30 @@ def main():
         say(f"B1 failed: {type(e).__name__}: {e}")
     with open(os.path.join(OUT, "gpu_bench.json"), "w") as fh:
         json.dump(results, fh, indent=1, default=str)
-    if os.environ.get("SKIP_B2") != "1":
+    def run_case(name, make):
+        """Runs one bench case (``make()`` returns its result), prints it and adds it to the JSON."""
+        start = time.time()
         try:
+            res = make()
+        except Exception as e:
+            say(f"{name} failed: {type(e).__name__}: {e}")
+            return
+        res["device"], res["jax"], res["wall_s"] = meta["device"], meta["jax"], time.time() - start
+        results["cases"][name] = res
+        for line in bench.format_case(name, res):
+            say(line)
+
+    if os.environ.get("SKIP_B2") != "1":
+        def b2():
             res = bench.case_b2(quick=False, repeats=5, sources=["hash"], population_size=B2_POP, calls=3)
             res["config"]["calls_per_timing"] = 3
-            res["device"], res["jax"], res["wall_s"] = meta["device"], meta["jax"], 0.0
-            results["cases"]["B2"] = res
-            for line in bench.format_case("B2", res):
-                say(line)
-        except Exception as e:
-            say(f"B2 failed: {type(e).__name__}: {e}")
+            return res
+        run_case("B2", b2)
     if os.environ.get("SKIP_B7") != "1":   # the hyperscale issue's GPU row: SmolLM2-135M, N >= 4096 on one card
-        try:
-            mb = os.environ.get("B7_MEMBER_BATCH")
-            res = bench.case_b7(quick=False, repeats=5, sources=["hash"],
-                                population_size=int(os.environ.get("B7_POP", "4096")),
-                                member_batch=int(mb) if mb else None)
-            res["device"], res["jax"], res["wall_s"] = meta["device"], meta["jax"], 0.0
-            results["cases"]["B7"] = res
-            for line in bench.format_case("B7", res):
-                say(line)
-        except Exception as e:
-            say(f"B7 failed: {type(e).__name__}: {e}")
+        mb = os.environ.get("B7_MEMBER_BATCH")
+        run_case("B7", lambda: bench.case_b7(quick=False, repeats=5, sources=["hash"],
+                                             population_size=int(os.environ.get("B7_POP", "4096")),
+                                             member_batch=int(mb) if mb else None))
     results["meta"]["wall_s"] = time.time() - t0
     with open(os.path.join(OUT, "gpu_bench.json"), "w") as fh:
         json.dump(results, fh, indent=1, default=str)
