@@ -5,7 +5,7 @@ figure, ``cells/`` the run directories)::
 
     python scripts/countdown_h2h.py calibrate --out runs/h2h --minutes 30   # GRPO's token-passes in 30 min: the budget
     python scripts/countdown_h2h.py tune --out runs/h2h --trials 6 --tune-budget 0.25x   # 6 trials per method
-    python scripts/countdown_h2h.py run --out runs/h2h --seeds 0 1 2 --eval-every 0.1x   # 3 seeds each, the budget
+    python scripts/countdown_h2h.py run --out runs/h2h --seeds 1 2 3 --eval-every 0.1x   # 3 seeds each, the budget
     python scripts/countdown_h2h.py report --out runs/h2h                   # table and figure again, from the JSON
 
 * ``calibrate``: trains GRPO (settings: ``--grpo-settings``, else the chosen ones if tuning finished, else
@@ -18,11 +18,13 @@ figure, ``cells/`` the run directories)::
   population, prompts per member), GRPO ``--grpo-lr --grpo-group --grpo-prompts --grpo-clip`` (learning rate,
   group size, prompts per step, ratio clip); ranges ``lo:hi`` (log-uniform for learning rates and σ, uniform
   otherwise), choices ``a,b,c``. The chosen trial is the one with the best final tuning accuracy (ties: the earlier
-  trial).
-* ``run``: for every seed of ``--seeds``, both methods (alternating, so machine load falls on both alike) with the
-  chosen settings (or ``--es-settings`` / ``--grpo-settings`` ``key=value,...``, which override them; untuned
-  defaults otherwise, with a warning) to ``--budget`` token-passes, evaluating validation and tuning accuracy at 0
-  and every ``--eval-every`` token-passes.
+  trial). A method's settings are chosen (``chosen`` in the JSON) as soon as all its trials are done.
+* ``run``: for every seed of ``--seeds`` (default 1 2 3: not the tuning seed, so no run replays a chosen trial),
+  both methods (alternating, so machine load falls on both alike) with the chosen settings (or ``--es-settings`` /
+  ``--grpo-settings`` ``key=value,...``, which override them) to ``--budget`` token-passes, evaluating validation
+  and tuning accuracy at 0 and every ``--eval-every`` token-passes. A method with neither chosen nor given settings
+  is refused unless ``--allow-untuned`` (its defaults, with a warning). Every cell is checked against the JSON
+  before anything is written: a refused invocation changes nothing.
 
 ``--budget``, ``--tune-budget`` and ``--eval-every``: a count of token-passes (``250000``, ``2.5e5``) or a multiple
 of the calibrated budget (``0.25x``; ``--eval-every``: of the run's budget).
@@ -89,7 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
             tune.add_argument(f"--{method}-{flag}", dest=f"space_{method}_{key}", default=DEFAULT_SPACE[method][key],
                               help=f"{method} {key}: 'lo:hi' or 'a,b,c' (default {DEFAULT_SPACE[method][key]})")
     run = sub.add_parser("run", parents=[common], help="the chosen settings × seeds at the budget")
-    run.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    run.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3],
+                     help="training seeds (default 1 2 3: not the tuning seed 0, whose first --tune-budget "
+                          "token-passes a chosen trial has already seen)")
+    run.add_argument("--allow-untuned", action="store_true",
+                     help="run a method that has no tuned settings in the JSON with its defaults (else refused)")
     run.add_argument("--budget", default="1x",
                      help="token-passes per run: a count, or a multiple of the calibrated budget (1x)")
     run.add_argument("--eval-every", default="0.1x",
@@ -159,17 +165,25 @@ class Session:
                 self.store.save()
         return be
 
+    def check(self, old: dict | None, spec: dict) -> None:
+        """Refuses (``SystemExit``) to continue a recorded cell ``old`` without ``--resume`` or with another
+        ``spec``; every cell of an invocation is checked before anything is written."""
+        if old is None:
+            return
+        key = spec["key"]
+        if not self.args.resume:
+            raise SystemExit(f"{self.store.path} already holds {key}; pass --resume to keep it (finished cells "
+                             "are skipped) or use another --out")
+        if {k: old.get(k) for k in spec} != spec:
+            raise SystemExit(f"{key} in {self.store.path} was started with {({k: old.get(k) for k in spec})}, "
+                             f"now {spec}; use another --out")
+
     def cell(self, section: dict, index: str, spec: dict, splits) -> dict:
         """Trains (or skips, or continues) the cell ``section[index]`` described by ``spec``."""
         args, key = self.args, spec["key"]
         old = section.get(index)
+        self.check(old, spec)
         if old is not None:
-            if not args.resume:
-                raise SystemExit(f"{self.store.path} already holds {key}; pass --resume to keep it (finished cells "
-                                 "are skipped) or use another --out")
-            if {k: old.get(k) for k in spec} != spec:
-                raise SystemExit(f"{key} in {self.store.path} was started with {({k: old.get(k) for k in spec})}, "
-                                 f"now {spec}; use another --out")
             if old.get("done"):
                 self.invocation["skipped"].append(key)
                 return old
@@ -216,14 +230,17 @@ class Session:
         for m in h2h.METHODS:
             for k, v in space[m].items():
                 h2h.parse_spec(k, v)   # errors before any training
+        specs = {m: [{"key": f"tune-{m}-{i}", "method": m, "seed": args.tune_seed,
+                      "settings": h2h.trial_settings(space[m], m, i, args.tune_seed),
+                      "budget": budget, "eval_every": budget} for i in range(args.trials)] for m in h2h.METHODS}
+        for m in h2h.METHODS:   # a refused invocation changes nothing in the JSON
+            for i, spec in enumerate(specs[m]):
+                self.check(data.get("tune", {}).get(m, {}).get(str(i)), spec)
         tune = data.setdefault("tune", {})
         data["tune_setup"] = {"trials": args.trials, "budget": budget, "seed": args.tune_seed, "space": space}
         for method in h2h.METHODS:
             section = tune.setdefault(method, {})
-            for i in range(args.trials):
-                spec = {"key": f"tune-{method}-{i}", "method": method, "seed": args.tune_seed,
-                        "settings": h2h.trial_settings(space[method], method, i, args.tune_seed),
-                        "budget": budget, "eval_every": budget}
+            for i, spec in enumerate(specs[method]):
                 self.cell(section, str(i), spec, ("tune",))
             accuracy, neg = max((section[str(i)]["records"][-1]["tune_accuracy"], -i) for i in range(args.trials))
             best = section[str(-neg)]   # the best final tuning accuracy; ties: the earlier trial
@@ -234,14 +251,20 @@ class Session:
         args, data = self.args, self.data
         budget = amount(args.budget, self.calibrated, "--budget")
         eval_every = amount(args.eval_every, budget, "--eval-every")
+        for m in h2h.METHODS:
+            if m not in data.get("chosen", {}) and not getattr(args, f"{m}_settings") and not args.allow_untuned:
+                raise SystemExit(f"run: {self.store.path} has no tuned {m} settings (finish 'tune' first), and none "
+                                 f"are given with --{m}-settings; --allow-untuned runs {m} with its defaults")
+        settings = {m: settings_for(m, data, args, self.log) for m in h2h.METHODS}
+        specs = [(method, seed, {"key": f"run-{method}-seed{seed}", "method": method, "seed": seed,
+                                 "settings": settings[method], "budget": budget, "eval_every": eval_every})
+                 for seed in args.seeds for method in h2h.METHODS]   # alternating: load falls on both alike
+        for method, seed, spec in specs:   # a refused invocation changes nothing in the JSON
+            self.check(data.get("runs", {}).get(method, {}).get(str(seed)), spec)
         data["run_budget"] = {"budget": budget, "eval_every": eval_every}
         runs = data.setdefault("runs", {})
-        settings = {m: settings_for(m, data, args, self.log) for m in h2h.METHODS}
-        for seed in args.seeds:
-            for method in h2h.METHODS:   # alternating: machine load falls on both methods alike
-                spec = {"key": f"run-{method}-seed{seed}", "method": method, "seed": seed,
-                        "settings": settings[method], "budget": budget, "eval_every": eval_every}
-                self.cell(runs.setdefault(method, {}), str(seed), spec, ("val", "tune"))
+        for method, seed, spec in specs:
+            self.cell(runs.setdefault(method, {}), str(seed), spec, ("val", "tune"))
 
     @property
     def calibrated(self) -> int | None:

@@ -11,13 +11,16 @@ end). ``eggroll`` and ``open_es`` train the named config of ``esx train`` (its
 population, rank, σ, optimizer and policy unless overridden here) with ``strategy=`` set, one generation at a time,
 until the environment steps the population took (counted exactly: the steps every member acted, from the rollouts'
 ``ObsMoments``) reach ``--env-steps``, or until ``--minutes`` of generation time have passed (the first, compiling,
-generation not counted; PPO then trains for the environment steps the EGGROLL cell of the same seed took); the final score is the greedy return of the unperturbed policy over
+generation not counted; a run stops at the first generation boundary at or past it, so the method with longer
+generations, OpenES, may overshoot by up to one generation; each cell records ``timed_s``; PPO then trains for the
+environment steps the EGGROLL cell of the same seed took, and always runs after EGGROLL within a seed); the final
+score is the greedy return of the unperturbed policy over
 ``--eval-episodes`` episodes. The wall-clock per environment step leaves out the first generation (compilation).
 ``ppo`` trains rejax's PPO (extra ``rl-ppo``; rejax's default hyperparameters and network) for the same number of
 environment steps on the same environment as the ES cells: the config's adapter as a gymnax-style environment
 (:class:`esx_envs.rl.gymnax_env.AdapterEnv`, auto-resetting, the config's ``max_steps``), with rejax's observation
 normalisation where the config normalises observations. rejax's own wrappers failed on Brax 0.14, Jumanji and
-Craftax (docs/rl.md); through the adapter every suite esx adapts runs. The score is the last of rejax's own
+Craftax (docs/rl.md); the adapter is written for every suite esx adapts (PPO through it is tested on Brax). The score is the last of rejax's own
 evaluations (128 episodes, actions sampled from the policy, as rejax evaluates). A PPO failure is reported and skips
 that environment's PPO cells.
 
@@ -128,7 +131,7 @@ def run_es(name: str, method: str, seed: int, args: argparse.Namespace) -> dict:
     # the runner's own final evaluation (its key: what `esx train` would report at this state, `esx eval` repeats)
     _, returns = setup.evaluate(RunState(es_state, stats, run_key), True)
     return {"final_return": float(np.mean(returns)), "env_steps": steps, "generations": gens, "wall_s": wall,
-            "us_per_env_step": (timed_s / timed_steps * 1e6) if timed_steps else None,
+            "us_per_env_step": (timed_s / timed_steps * 1e6) if timed_steps else None, "timed_s": timed_s,
             "population_size": cfg.population_size, "policy": f"{cfg.depth}x{cfg.width}"}
 
 
@@ -267,7 +270,8 @@ def main(argv=None) -> dict:
     p.add_argument("--ppo-steps", type=int, default=64)
     args = p.parse_args(argv)
     names = [n for n in args.configs.split(",") if n]
-    methods = [m for m in args.methods.split(",") if m]
+    # PPO last: with --minutes it takes its step budget from the EGGROLL cell of its seed
+    methods = sorted(dict.fromkeys(m for m in args.methods.split(",") if m), key=lambda m: m == "ppo")
     bad = [m for m in methods if m not in METHODS]
     if bad:
         p.error(f"unknown methods {bad}; valid: {list(METHODS)}")

@@ -114,6 +114,23 @@ def test_head_to_head_smoke_and_resume(script, fast_compile, tmp_path):
     assert [i["steps"] for i in after["invocations"]][-3:] == [0, 0, 0]
     with pytest.raises(SystemExit, match="--resume"):   # without --resume it refuses to touch finished cells
         script.main(["run", *out, *COMMON, "--seeds", "0", "--budget", "1x", "--eval-every", "0.5x"])
+    # another budget or trial setting is refused before anything is written: the JSON keeps its records
+    with pytest.raises(SystemExit, match="was started with"):
+        script.main(["run", *out, *COMMON, "--seeds", "0", "--budget", "0.5x", "--eval-every", "0.5x", "--resume"])
+    with pytest.raises(SystemExit, match="was started with"):
+        script.main(["tune", *out, *COMMON, *SPACE, "--trials", "1", "--tune-budget", "0.25x", "--resume"])
+    refused = json.loads((tmp_path / "h2h.json").read_text())
+    for key in ("run_budget", "tune_setup", "runs", "tune", "chosen"):
+        assert refused[key] == after[key]
+
+    # a method without tuned settings is not run with its defaults unless asked
+    untuned = tmp_path / "untuned"
+    untuned.mkdir()
+    del refused["chosen"]["grpo"], refused["runs"]
+    (untuned / "h2h.json").write_text(json.dumps(refused))
+    with pytest.raises(SystemExit, match="no tuned grpo settings"):
+        script.main(["run", "--out", str(untuned), *COMMON, "--seeds", "1", "--budget", "1x", "--resume"])
+    assert "runs" not in json.loads((untuned / "h2h.json").read_text())
 
 
 def test_grpo_cell_resumes_exactly(fast_compile, tmp_path):

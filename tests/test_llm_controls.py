@@ -130,6 +130,38 @@ def test_keep_best_is_the_argmax_of_the_logged_evaluations(tmp_path):
         run.load_best(tmp_path / "c", task)
 
 
+def test_a_better_state_at_a_lower_generation_replaces_the_kept_best(tmp_path):
+    """A resume from a checkpoint older than the kept best can find a better evaluation at a lower generation: it
+    must replace the kept state (not be deleted as the older checkpoint); after a crash that left two kept states,
+    the better value is the best."""
+    from esx.run import loop
+    from esx.run.checkpoint import save_checkpoint
+
+    config = run.RunConfig(generations=4, eval_every=2, chunk=2, checkpoint_every=2, keep_best=True)
+    task = _best_task(config)
+    run.train(task, tmp_path, progress=False)
+    setup, final = run.load_run(tmp_path, task)
+    assert final.generation == 4
+    early = setup.initial_state()
+    keeper = loop._BestKeeper(setup, tmp_path, "test", resume=False)
+    keeper.offer(final, 1.0, {})
+    keeper.offer(early, 2.0, {})                      # better, at generation 0 < 4
+    assert len(run.list_checkpoints(tmp_path / "best")) == 1
+    _, state, info = run.load_best(tmp_path, task)
+    assert state.generation == 0 and info["value"] == 2.0
+    assert json.loads((tmp_path / "best" / "best.json").read_text())["generation"] == 0
+    keeper.offer(final, 1.5, {})                      # worse: nothing changes
+    assert run.load_best(tmp_path, task)[2]["value"] == 2.0
+    # a crash after writing a new best (generation 4, value 3) but before removing the old one: two are kept
+    save_checkpoint(tmp_path / "best", final, setup.config, "test", keep=1 << 30,
+                    extra={"score": setup.score, "value": 3.0, "best": {"generation": 4, "value": 3.0}})
+    assert len(run.list_checkpoints(tmp_path / "best")) == 2
+    _, state, info = run.load_best(tmp_path, task)
+    assert state.generation == 4 and info["value"] == 3.0
+    resumed = loop._BestKeeper(setup, tmp_path, "test", resume=True)
+    assert resumed.value == 3.0
+
+
 def test_cumulative_fields_are_running_sums_across_resume(tmp_path):
     config = run.RunConfig(generations=6, eval_every=3, chunk=1, checkpoint_every=2)
     setup = dataclasses.replace(_best_task(config), cumulative={"gens": "one"},

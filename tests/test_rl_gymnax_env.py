@@ -111,3 +111,19 @@ def test_adapter_env_refuses_an_adapter_without_an_episode_limit():
     with pytest.raises(ValueError, match="max_steps is 0"):
         AdapterEnv(make_adapter("CartPole-v1", max_steps=0))
     assert AdapterEnv(make_adapter("CartPole-v1", max_steps=None)).default_params.max_steps_in_episode == 500
+
+
+def test_a_longer_episode_limit_than_the_adapters_is_refused_and_a_shorter_one_truncates():
+    """``max_steps_in_episode`` can shorten the adapter's limit, not lengthen it: the adapter would still truncate at
+    its own ``max_steps``, so a larger value is an error, never a silently shorter episode."""
+    env = AdapterEnv(make_adapter("CartPole-v1", max_steps=20))
+    key = jax.random.key(0)
+    obs, state = env.reset(key, env.default_params)
+    with pytest.raises(ValueError, match="above the adapter's max_steps=20"):
+        env.step(key, state, jnp.asarray(0), EnvParams(max_steps_in_episode=50))
+    short = EnvParams(max_steps_in_episode=3)
+    dones = []
+    for t in range(3):
+        obs, state, _, done, info = env.step(jax.random.fold_in(key, t), state, jnp.asarray(t % 2), short)
+        dones.append(bool(done))
+    assert dones == [False, False, True] and bool(info["truncated"]) and int(state.t) == 0

@@ -1,6 +1,7 @@
 """Any esx :class:`~esx_envs.rl.adapters.Adapter` as a gymnax-style environment, for RL code written against gymnax's
-API (rejax's PPO, purejaxrl-style loops): the PPO baseline of ``scripts/rl_table.py`` runs through it on every suite
-esx adapts (gymnax, Brax, Craftax, Jumanji, Navix, Kinetix), with the same episode limit as the ES runs.
+API (rejax's PPO, purejaxrl-style loops): the PPO baseline of ``scripts/rl_table.py`` runs through it, with the same
+episode limit as the ES runs. Written for every suite esx adapts (gymnax, Brax, Craftax, Jumanji, Navix, Kinetix);
+stepped against the adapter on gymnax, Brax, Navix and Jumanji, and PPO trained through it on Brax, in the tests.
 
     from esx_envs.rl import make_adapter
     from esx_envs.rl.gymnax_env import AdapterEnv
@@ -11,7 +12,8 @@ esx adapts (gymnax, Brax, Craftax, Jumanji, Navix, Kinetix), with the same episo
     obs, state, reward, done, info = env.step(key, state, action, params)
 
 ``step`` returns gymnax 0.x's five values and **auto-resets** as gymnax's ``step`` does: when the step terminates or
-truncates (the adapter's own flags, or the episode's step count reaching ``params.max_steps_in_episode``), the
+truncates (the adapter's own flags, or the episode's step count reaching ``params.max_steps_in_episode``, which
+can shorten the adapter's ``max_steps`` but not lengthen it: a larger concrete value raises ``ValueError``), the
 returned observation and state are those of a fresh episode drawn with the second half of the step's key; ``reward``
 and ``done`` belong to the step that ended; ``info`` holds ``terminated`` and ``truncated`` (``truncated`` only where
 the episode did not terminate). ``observation_space`` is an unbounded ``Box`` of the adapter's shape;
@@ -94,6 +96,11 @@ class AdapterEnv:
     def step(self, key: jax.Array, state: EnvState, action: jax.Array, params: EnvParams | None = None):
         """``(obs, state, reward float32[], done bool[], info)``, auto-resetting after a finished episode."""
         params = self.default_params if params is None else params
+        limit = params.max_steps_in_episode
+        if not isinstance(limit, jax.core.Tracer) and int(limit) > int(self.adapter.max_steps):
+            raise ValueError(f"AdapterEnv.step: max_steps_in_episode={int(limit)} is above the adapter's max_steps="
+                             f"{self.adapter.max_steps}, which truncates first; build the adapter with the longer "
+                             "limit (make_adapter(name, max_steps=...))")
         k_step, k_reset = jax.random.split(key)
         if self.adapter.action_kind != "discrete":   # rejax squeezes a 1-D action to a scalar when it evaluates
             action = jnp.reshape(action, (int(self.adapter.action_dim),))

@@ -27,6 +27,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -286,9 +287,9 @@ class _BestKeeper:
         self.setup, self.run_path, self.run_id = setup, run_path, run_id
         self.on = bool(getattr(setup.config, "keep_best", False)) and run_path is not None
         self.value = None
-        kept = list_checkpoints(run_path / BEST_DIR) if self.on and resume else []
-        if kept:   # the kept checkpoint's own meta.json is authoritative (best.json is a copy written after it)
-            meta = json.loads((kept[-1] / "meta.json").read_text())
+        kept = _kept_best(run_path / BEST_DIR, setup.higher_is_better) if self.on and resume else None
+        if kept is not None:   # the kept checkpoint's own meta.json is authoritative (best.json is a copy of it)
+            _, meta = kept
             self.value = float(meta["value"])
             if "best" in meta:   # a crash between the two writes left the copy stale or missing: write it again
                 self._write_record(meta["best"])
@@ -306,9 +307,28 @@ class _BestKeeper:
         self.value = value
         folder = self.run_path / BEST_DIR
         record = {"generation": state.generation, "score": self.setup.score, "value": value, **totals}
-        save_checkpoint(folder, state, self.setup.config, self.run_id, keep=1,
-                        extra={"score": self.setup.score, "value": value, "best": record})
+        # every checkpoint but this one is removed after it is written, whatever the generations (a resume from an
+        # older checkpoint can find a better state at a lower generation than the one kept)
+        final = save_checkpoint(folder, state, self.setup.config, self.run_id, keep=1 << 30,
+                                extra={"score": self.setup.score, "value": value, "best": record})
         self._write_record(record)
+        for old in list_checkpoints(folder):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def _kept_best(folder: Path, higher_is_better: bool) -> tuple[Path, dict] | None:
+    """The checkpoint in ``folder`` (``run_dir/best``) with the best ``value`` in its meta.json and that meta, or
+    ``None`` when there is none. Normally one is kept; after a crash between writing a new best and removing the
+    old one, two are, and the better value wins (ties: the later generation)."""
+    found = []
+    for path in list_checkpoints(folder):
+        meta = json.loads((path / "meta.json").read_text())
+        found.append((float(meta["value"]) if higher_is_better else -float(meta["value"]), path, meta))
+    if not found:
+        return None
+    _, path, meta = max(reversed(found), key=lambda f: f[0])   # max keeps the first of equals: the later one
+    return path, meta
 
 
 def load_best(run_dir: str | os.PathLike, setup: Setup | None = None, *,
@@ -320,11 +340,11 @@ def load_best(run_dir: str | os.PathLike, setup: Setup | None = None, *,
       CheckpointError: the run kept no best state (``keep_best`` was off, or no evaluation ran).
     """
     run_dir = Path(run_dir)
-    ckpts = list_checkpoints(run_dir / BEST_DIR)
-    if not ckpts:
+    if not list_checkpoints(run_dir / BEST_DIR):
         raise CheckpointError(f"{run_dir} has no best state (train with keep_best=True)")
     setup, _ = load_run(run_dir, setup, default_kind=default_kind)
-    state, meta = load_checkpoint(ckpts[-1], setup.initial_state())
+    path, _ = _kept_best(run_dir / BEST_DIR, setup.higher_is_better)
+    state, meta = load_checkpoint(path, setup.initial_state())
     if "best" in meta:   # the record saved with the state (best.json is a copy of it)
         return setup, state, meta["best"]
     return setup, state, json.loads((run_dir / BEST_DIR / "best.json").read_text())
