@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU benchmark (B1 at the paper's setting: one 8192x8192 bf16 layer, batch 1024; B2; B7: SmolLM2 population generation), from the repo root.
-# Writes $OUT/gpu_bench.json and $OUT/gpu_bench.txt (OUT defaults to ./gpu_bench_out). Finishes in ~2-3 minutes.
+# Writes $OUT/gpu_bench.json and $OUT/gpu_bench.txt (OUT defaults to ./gpu_bench_out). Not timed on a GPU since B7 (N=4096) was added: leave it 8 minutes.
 # Installs only what is missing: the package itself (no deps if they are present) and jax[cuda12] if jax sees no GPU.
 set -euo pipefail
 OUT="${OUT:-$PWD/gpu_bench_out}"; mkdir -p "$OUT"; export OUT

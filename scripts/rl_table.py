@@ -159,10 +159,12 @@ def run_ppo(name: str, seed: int, args: argparse.Namespace, env_steps: int) -> d
             time.perf_counter() - start, "us_per_env_step": None, "env": cfg.env, "max_steps": env.adapter.max_steps}
 
 
-def summarise(cells: dict, names: list[str], methods: list[str]) -> dict:
-    """Per config and method: ``n``, raw mean and s.e., normalised mean and s.e. (``None`` without PPO), µs per
-    environment step."""
+def summarise(cells: dict, names: list[str], methods: list[str], seeds: int | None = None) -> dict:
+    """Per config and method: ``n``, raw mean and s.e., normalised mean and s.e. (``None`` without PPO; the s.e. is
+    the method's own over ``|R_PPO|``), µs per environment step; over the cells of seeds ``0 .. seeds - 1`` (all
+    seeds when ``None``)."""
     out = {}
+    cells = {k: c for k, c in cells.items() if seeds is None or c["seed"] < seeds}
     for name in names:
         row = {}
         for m in methods:
@@ -195,8 +197,9 @@ def write_markdown(path: str, summary: dict, methods: list[str], args: argparse.
 
     budget = (f"{args.minutes:g} minutes of generation time per ES run (PPO: the environment steps EGGROLL took)"
               if args.minutes is not None else f"{args.env_steps} environment steps per run")
-    lines = [f"Budget: {budget}; seeds {args.seeds}; normalised by PPO "
-             "(1 + (R − R_PPO)/|R_PPO|) where PPO ran, raw returns otherwise.", "",
+    lines = [f"Budget: {budget}; seeds 0–{args.seeds - 1} (n per cell in the raw columns); normalised by PPO's "
+             "mean (1 + (R − R_PPO)/|R_PPO|, ± the method's s.e. / |R_PPO|; PPO's own spread is in its raw column) "
+             "where PPO ran, raw returns otherwise.", "",
              "| config | " + " | ".join(methods) + " | raw returns (" + ", ".join(methods) +
              ") | µs / env step EGGROLL | OpenES | OpenES / EGGROLL |",
              "|---|" + "---|" * len(methods) + "---|---|---|---|"]
@@ -317,7 +320,7 @@ def main(argv=None) -> dict:
                 save_cells(path, cells, args)
                 print(f"{name} {method} seed {seed}: return {result['final_return']:.2f} "
                       f"({result['env_steps']} steps, {result['wall_s']:.1f} s)", flush=True)
-    summary = summarise(cells, names, methods)
+    summary = summarise(cells, names, methods, args.seeds)
     print(write_markdown(os.path.join(args.out, "table.md"), summary, methods, args))
     write_figure(os.path.join(args.out, "table.png"), summary, methods)
     return summary

@@ -48,6 +48,26 @@ def test_b1_compares_member_batching_with_the_fastest_inference(quick_results):
         assert not any(key.startswith("inference") for key in res["ratios"])
 
 
+def test_b1_ratios_take_each_rounds_fastest_inference_form(monkeypatch):
+    """With fixed timings where whole-batch and chunked inference take turns being fastest, every population form
+    is compared with the per-round fastest (1 s in every round here), not with either inference form alone."""
+    def fake_times(fns, repeats):
+        out = {}
+        for k in fns:
+            if k == "inference":
+                out[k] = [1.0, 4.0, 4.0][:repeats]
+            elif k.startswith("inference/chunk"):
+                out[k] = [4.0, 1.0, 1.0][:repeats]
+            else:
+                out[k] = [2.0, 2.0, 8.0][:repeats]
+        return out
+
+    monkeypatch.setattr(bench, "time_interleaved", fake_times)
+    res = bench.case_b1a(quick=True, repeats=3, sources=("hash",))
+    assert res["measured"]["best_inference_s"] == 1.0
+    assert set(res["ratios"]) and all(r == 0.5 for r in res["ratios"].values())   # median of 1/2, 1/2, 1/8
+
+
 def test_b2_compares_with_full_rank(quick_results):
     ratios = quick_results["cases"]["B2"]["ratios"]
     assert any(k.startswith("open_es/") for k in ratios)

@@ -32,6 +32,10 @@ def test_normalisation_by_ppo(table):
     assert s["cp"]["open_es"]["norm_mean"] == pytest.approx(0.5) and s["cp"]["ppo"]["norm_mean"] == 1.0
     assert s["pend"]["eggroll"]["norm_mean"] == pytest.approx(1.5)      # half PPO's loss: better than PPO
     assert "open_es" not in s["pend"]
+    # a cell of a seed beyond the table's seeds (e.g. from a longer earlier invocation) is not averaged in
+    cells["cp|eggroll|2"] = {"config": "cp", "method": "eggroll", "seed": 2, "final_return": 0.0}
+    assert table.summarise(cells, ["cp"], ["eggroll"], seeds=2)["cp"]["eggroll"]["mean"] == 400.0
+    assert table.summarise(cells, ["cp"], ["eggroll"])["cp"]["eggroll"]["n"] == 3
 
 
 def test_one_tiny_cell_writes_json_markdown_figure_and_resumes(table, tmp_path):
