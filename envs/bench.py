@@ -186,12 +186,13 @@ def _fitness(forward):
 
 
 def _strategy(*, population_size: int, rank: int, source: str, table_size: int = 1 << 22, full: bool = False,
-              member_batch: int | None = None):
+              member_batch: int | None = None, member_order: str = "signs_outer"):
     if full:
         return esx.open_es(population_size=population_size, sigma=0.01, optimizer=optax.sgd(0.01),
                            noise_source=source, table_size=table_size)
     return esx.eggroll(population_size=population_size, sigma=0.01, optimizer=optax.sgd(0.01), rank=rank,
-                       noise_source=source, table_size=table_size, member_batch=member_batch)
+                       noise_source=source, table_size=table_size, member_batch=member_batch,
+                       member_order=member_order)
 
 
 def _throughput_fns(strategy, state, forward, params, data, *, pregenerated: bool):
@@ -221,13 +222,15 @@ def _chunked_inference(forward, chunk: int):
 
 # ----------------------------------------------------------------------------------------------- B1
 def _throughput_case(name: str, *, forward, params, data, population_size: int, rank: int, sources,
-                     member_batches, repeats: int, config: dict, target: float) -> dict:
+                     member_batches, repeats: int, config: dict, target: float,
+                     member_orders=("signs_outer",)) -> dict:
     """Population forward vs inference, timed in interleaved rounds.
 
     Inference is timed whole (one ``vmap`` over all rows) and chunked like each ``member_batch``; the reference of
     each round is the fastest inference form of that round, so member batching is never credited with a layout
     gain that plain inference would get too. Population forms per source: on the fly (``strategy.evaluate``),
-    on the fly with each ``member_batch`` (the ``member_batch`` strategy option), and pre-generated.
+    on the fly with each ``member_batch`` (the ``member_batch`` strategy option; for the ``hash`` source also with
+    each of ``member_orders`` other than the default, named ``.../member_batch K/pairs_outer``), and pre-generated.
     """
     fns: dict[str, Callable[[], Any]] = {}
     inference = jax.jit(lambda p, d: jax.vmap(lambda x: forward(p, x))(d))
@@ -247,9 +250,12 @@ def _throughput_case(name: str, *, forward, params, data, population_size: int, 
         ask_times[source] = time.perf_counter() - t0
         fns[f"{source}/on_the_fly"] = (lambda f=on_the_fly, s=state: f(s, data))
         for k in member_batches:
-            batched = _strategy(population_size=population_size, rank=rank, source=source, member_batch=k)
-            _, f, _ = _throughput_fns(batched, state, forward, params, data, pregenerated=False)
-            fns[f"{source}/on_the_fly/member_batch {k}"] = (lambda f=f, s=state: f(s, data))
+            for order in member_orders if source == "hash" else ("signs_outer",):
+                batched = _strategy(population_size=population_size, rank=rank, source=source, member_batch=k,
+                                    member_order=order)
+                _, f, _ = _throughput_fns(batched, state, forward, params, data, pregenerated=False)
+                suffix = "" if order == "signs_outer" else f"/{order}"
+                fns[f"{source}/on_the_fly/member_batch {k}{suffix}"] = (lambda f=f, s=state: f(s, data))
         fns[f"{source}/pregenerated"] = (lambda f=pre, s=state, p=pop: f(s, p, data))
     times = time_interleaved(fns, repeats=repeats)
     inference_names = [k for k in times if k.startswith("inference")]
@@ -276,10 +282,11 @@ def case_b1a(*, quick: bool, repeats: int, sources) -> dict:
     data = jax.random.normal(jax.random.key(2), (pop, width), jnp.float32)
     config = {"model": f"MLP {layers}x{width} tanh, with biases, unstacked leaves", "population_size": pop,
               "rows_per_member": 1, "rank": rank, "antithetic": True, "dtype": "float32", "sources": list(sources),
-              "member_batches": list(member_batches)}
+              "member_batches": list(member_batches),
+              "member_orders": "hash member-batched forms also with member_order='pairs_outer' (suffix /pairs_outer)"}
     return _throughput_case("B1a", forward=mlp_forward, params=params, data=data, population_size=pop, rank=rank,
                             sources=sources, member_batches=member_batches, repeats=repeats, config=config,
-                            target=0.85)
+                            target=0.85, member_orders=("signs_outer", "pairs_outer"))
 
 
 def case_b1b(*, quick: bool, repeats: int, sources) -> dict:
@@ -291,10 +298,11 @@ def case_b1b(*, quick: bool, repeats: int, sources) -> dict:
     config = {"model": f"tanh RNN width {width}, input width {d_in}, linear read-out", "steps": steps,
               "population_size": pop, "rank": rank, "antithetic": True, "dtype": "float32",
               "sources": list(sources), "member_batches": list(member_batches),
-              "view": "built once per member outside the time scan"}
+              "view": "built once per member outside the time scan",
+              "member_orders": "hash member-batched forms also with member_order='pairs_outer' (suffix /pairs_outer)"}
     return _throughput_case("B1b", forward=rnn_forward, params=params, data=data, population_size=pop, rank=rank,
                             sources=sources, member_batches=member_batches, repeats=repeats, config=config,
-                            target=0.90)
+                            target=0.90, member_orders=("signs_outer", "pairs_outer"))
 
 
 # ----------------------------------------------------------------------------------------------- B2

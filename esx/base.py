@@ -135,6 +135,7 @@ class Config:
     sigma: float | Callable[[jax.Array], jax.Array]
     labels: Any
     member_batch: int | None = None   # members per evaluation / contraction chunk (None: all at once)
+    member_order: str = "signs_outer"  # the member axes of evaluate's vmap: [signs, pairs] or [pairs, signs]
 
     @property
     def num_pairs(self) -> int:

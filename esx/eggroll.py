@@ -24,6 +24,7 @@ def eggroll(
     table_size: int = 1 << 22,
     labels: Any = None,
     member_batch: int | None = None,
+    member_order: str = "signs_outer",
 ) -> Strategy:
     """EGGROLL: each ``"lowrank"`` leaf ``W: [m, n]`` of member ``i`` is perturbed by ``σ s_i A_i B_iᵀ / √r``.
 
@@ -47,6 +48,11 @@ def eggroll(
         drawn inside a loop, so memory grows with ``member_batch`` rather than ``population_size``; a positive
         divisor of ``population_size`` (even with antithetic sampling). ``None`` (default): all at once. Same
         fitness; the update equal up to float summation order (docs/hyperscale.md).
+      member_order: the layout of ``evaluate``'s ``vmap`` over members, the same values either way (a speed
+        choice, docs/hyperscale.md). ``"signs_outer"`` (default): ``[2, P]`` with antithetic sampling, so a
+        fitness function's own per-member scalar work (an RL rollout's PRNG calls) runs on long contiguous axes.
+        ``"pairs_outer"``: ``[P, 2]``, so a member's activations ``[P, 2, d]`` meet its pair's factors ``[P, d]``
+        without a transpose: faster for wide per-member state carried through a loop (an RNN's hidden state).
 
     Returns:
       A :class:`esx.Strategy`.
@@ -68,5 +74,5 @@ def eggroll(
         population_size=population_size, rank=rank, sigma=sigma, optimizer=optimizer, lowrank=True,
         antithetic=antithetic, group_size=group_size, shaping=shaping, noise_reuse=noise_reuse,
         noise_source=noise_source, table_size=table_size, labels=labels,
-        member_batch=member_batch,
+        member_batch=member_batch, member_order=member_order,
     )

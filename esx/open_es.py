@@ -23,10 +23,11 @@ def open_es(
     table_size: int = 1 << 22,
     labels: Any = None,
     member_batch: int | None = None,
+    member_order: str = "signs_outer",
 ) -> Strategy:
     """Full-rank ES: every non-frozen leaf of member ``i`` is perturbed by ``σ s_i ε_i`` with ``ε_i`` of its shape.
 
-    Same arguments (``member_batch`` included) and semantics as :func:`esx.eggroll` without ``rank``;
+    Same arguments (``member_batch`` and ``member_order`` included) and semantics as :func:`esx.eggroll` without ``rank``;
     ``"lowrank"`` labels are treated as ``"full"``. Each member's forward through a matrix forms its own ``m×n``
     weight -- this is the cost EGGROLL removes, kept here as the like-for-like baseline.
     """
@@ -34,5 +35,5 @@ def open_es(
         population_size=population_size, rank=1, sigma=sigma, optimizer=optimizer, lowrank=False,
         antithetic=antithetic, group_size=group_size, shaping=shaping, noise_reuse=noise_reuse,
         noise_source=noise_source, table_size=table_size, labels=labels,
-        member_batch=member_batch,
+        member_batch=member_batch, member_order=member_order,
     )

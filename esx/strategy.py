@@ -275,6 +275,10 @@ def _apply(cfg: Config, perturbation: _members.Perturbation, state: State, grad_
     return new_state, metrics
 
 
+# ``member_order`` (see :func:`esx.eggroll`): the layout of evaluate's member vmap; the same values either way.
+MEMBER_ORDERS = ("signs_outer", "pairs_outer")
+
+
 def make_strategy(
     *,
     population_size: int,
@@ -290,6 +294,7 @@ def make_strategy(
     table_size: int = 1 << 22,
     labels: Any = None,
     member_batch: int | None = None,
+    member_order: str = "signs_outer",
 ) -> Strategy:
     """Builds a float ES strategy; see :func:`esx.eggroll` (``lowrank=True``) and :func:`esx.open_es`
     (``lowrank=False``: every ``"lowrank"`` label becomes ``"full"``) for the arguments.
@@ -304,8 +309,10 @@ def make_strategy(
     if shape_fn is shaping_lib.pair_sign and not antithetic:
         raise ValueError("shaping='pair_sign' needs antithetic=True")
     member_batch = _members.check_member_batch(member_batch, population_size, antithetic)
+    if member_order not in MEMBER_ORDERS:
+        raise ValueError(f"member_order={member_order!r}; valid orders are {', '.join(map(repr, MEMBER_ORDERS))}")
     cfg = Config(population_size, int(rank), lowrank, antithetic, int(group_size), int(noise_reuse),
-                 noise_source, int(table_size), shape_fn, optimizer, sigma, labels, member_batch)
+                 noise_source, int(table_size), shape_fn, optimizer, sigma, labels, member_batch, member_order)
     members = _members.Members(cfg.population_size, cfg.group_size, cfg.antithetic, cfg.member_batch)
     perturbation = _members.Perturbation(
         table_of=lambda params: _members.leaf_table(params, cfg.labels, lowrank=cfg.lowrank),
@@ -313,7 +320,7 @@ def make_strategy(
         member_view=lambda state, table, noise, sign: _member_view(cfg, state, table, noise, sign),
         sign_dtype=jnp.float32,
         population=Population,
-        sign_major=True,
+        sign_major=cfg.member_order == "signs_outer",
     )
     ask, view, evaluate = _members.population_functions(members, perturbation)
 

@@ -98,6 +98,30 @@ def test_fitness_matches_unbatched(maker):
         chex.assert_trees_all_close(rows, rows0, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("maker", ["eggroll", "open_es"])
+def test_member_order_gives_the_same_fitness(maker):
+    """``member_order="pairs_outer"`` lays the member vmap out as [pairs, signs]: the same values member by member
+    (exactly for the elementwise fitness, to float rounding with matrix products), batched or not, with groups and
+    per-group data and aux; without antithetic sampling too."""
+    key = jax.random.key(3)
+    for k, kw in ((None, {}), (8, {}), (None, {"antithetic": False})):
+        a, b = (build(maker, k, member_order=o, group_size=4, **kw) for o in ("signs_outer", "pairs_outer"))
+        state = a.init(jax.random.key(2), PARAMS)
+        data = jax.random.normal(jax.random.key(4), (N // 4, 3, 4))
+
+        def aux_fit(p, key, x):
+            return fit_rows(p, key, x), {"first": forward(p, x)[0]}
+
+        out = jax.jit(lambda state: [(s.evaluate(state, fit_elementwise, key, X[0]),
+                                      s.evaluate(state, aux_fit, key, data, data_per_group=True, has_aux=True))
+                                     for s in (a, b)])(state)
+        (e0, r0), (e1, r1) = out
+        chex.assert_trees_all_equal(e1, e0)
+        chex.assert_trees_all_close(r1, r0, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="valid orders"):
+        build(maker, member_order="pairs_first")
+
+
 def test_whole_step_matches_unbatched():
     """``esx.step`` with K = 4: the same fitness (elementwise) and parameters within 1e-6 relative."""
     base, batched = build("eggroll", None), build("eggroll", 4)
