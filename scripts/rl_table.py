@@ -176,7 +176,10 @@ def summarise(cells: dict, names: list[str], methods: list[str], seeds: int | No
             mean = sum(rs) / len(rs)
             se = (math.sqrt(sum((r - mean) ** 2 for r in rs) / (len(rs) - 1)) / math.sqrt(len(rs))
                   if len(rs) > 1 else 0.0)
-            row[m] = {"n": len(rs), "mean": mean, "se": se, "us_per_env_step": (sum(us) / len(us)) if us else None}
+            capped = any(c.get("capped_from_env_steps") for c in cells.values()
+                         if c["config"] == name and c["method"] == m)
+            row[m] = {"n": len(rs), "mean": mean, "se": se, "us_per_env_step": (sum(us) / len(us)) if us else None,
+                      "capped": capped}
         ppo = row.get("ppo", {}).get("mean")
         for m, r in row.items():
             if ppo is not None and ppo != 0:
@@ -191,9 +194,10 @@ def write_markdown(path: str, summary: dict, methods: list[str], args: argparse.
     def fmt(r, norm):
         if r is None:
             return "–"
+        mark = " *" if r.get("capped") else ""
         if norm and r.get("norm_mean") is not None:
-            return f"{r['norm_mean']:.2f} ± {r['norm_se']:.2f}"
-        return f"{r['mean']:.1f} ± {r['se']:.1f} (n={r['n']})"
+            return f"{r['norm_mean']:.2f} ± {r['norm_se']:.2f}{mark}"
+        return f"{r['mean']:.1f} ± {r['se']:.1f} (n={r['n']}){mark}"
 
     budget = (f"{args.minutes:g} minutes of generation time per ES run (PPO: the environment steps EGGROLL took)"
               if args.minutes is not None else f"{args.env_steps} environment steps per run")
@@ -209,6 +213,9 @@ def write_markdown(path: str, summary: dict, methods: list[str], args: argparse.
         timing = f"{us_e:.1f} | {us_o:.1f} | {us_o / us_e:.2f}×" if us_e and us_o else "– | – | –"
         lines.append(f"| {name} | " + " | ".join(fmt(row.get(m), True) for m in methods) + " | "
                      + ", ".join(fmt(row.get(m), False) for m in methods) + f" | {timing} |")
+    if any(r.get("capped") for row in summary.values() for r in row.values()):
+        lines += ["", "\\* PPO trained for fewer environment steps than EGGROLL took: capped by --ppo-max-env-steps "
+                  "(each cell's capped_from_env_steps in cells.json)."]
     text = "\n".join(lines) + "\n"
     with open(path, "w") as f:
         f.write(text)
@@ -271,6 +278,9 @@ def main(argv=None) -> dict:
     p.add_argument("--eval-episodes", type=int, default=32)
     p.add_argument("--ppo-envs", type=int, default=16)
     p.add_argument("--ppo-steps", type=int, default=64)
+    p.add_argument("--ppo-max-env-steps", type=int, default=None,
+                   help="cap PPO's environment steps (with --minutes, EGGROLL's can reach tens of millions); a capped "
+                        "cell records capped_from_env_steps and the table marks it")
     args = p.parse_args(argv)
     names = [n for n in args.configs.split(",") if n]
     # PPO last: with --minutes it takes its step budget from the EGGROLL cell of its seed
@@ -302,8 +312,13 @@ def main(argv=None) -> dict:
                                   flush=True)
                             continue
                         steps = egg["env_steps"]
+                    capped_from = None
+                    if args.ppo_max_env_steps is not None and steps > args.ppo_max_env_steps:
+                        capped_from, steps = steps, args.ppo_max_env_steps
                     try:
                         result = run_ppo(name, seed, args, steps)
+                        if result is not None and capped_from is not None:
+                            result["capped_from_env_steps"] = capped_from
                     except Exception as e:  # rejax 0.1.3 fails on some suites (docs/rl.md); the ES cells go on
                         print(f"{name} ppo: rejax failed ({type(e).__name__}: {str(e)[:200]}); skipped", flush=True)
                         unavailable.add((name, method))

@@ -65,16 +65,22 @@ def test_methods_take_turns_within_a_seed_and_ppo_shares_the_es_episode_limit(ta
     argv = ["--configs", "cartpole", "--out", str(tmp_path), "--population", "4", "--width", "4", "--depth", "0",
             "--max-steps", "20", "--eval-episodes", "2", "--ppo-envs", "4", "--ppo-steps", "32"]
     table.main(argv + ["--minutes", "0.002", "--methods", "eggroll,open_es,ppo", "--seeds", "1"])
-    table.main(argv + ["--minutes", "0.002", "--methods", "eggroll,open_es", "--seeds", "2", "--resume"])
+    # PPO listed first still runs after EGGROLL (its step budget); capped below EGGROLL's steps it says so
+    summary = table.main(argv + ["--minutes", "0.002", "--methods", "ppo,eggroll,open_es", "--seeds", "2",
+                                 "--resume", "--ppo-max-env-steps", "256"])
     data = json.loads((tmp_path / "cells.json").read_text())
     cells = data["cells"]
     assert data["budget_minutes"] == 0.002 and data["budget_env_steps"] is None
     assert [(c["method"], c["seed"]) for c in cells] == [("eggroll", 0), ("open_es", 0), ("ppo", 0),
-                                                          ("eggroll", 1), ("open_es", 1)]
+                                                          ("eggroll", 1), ("open_es", 1), ("ppo", 1)]
     assert all(len(c["load_1min"]) == 2 for c in cells)
-    assert all(c["generations"] >= 2 for c in cells if c["method"] != "ppo")
+    assert all(c["generations"] >= 2 and c["timed_s"] >= 0.12 for c in cells if c["method"] != "ppo")
     ppo = cells[2]
     assert ppo["env_steps"] == cells[0]["env_steps"] and ppo["env"] == "CartPole-v1" and ppo["max_steps"] == 20
-    assert 1 <= ppo["final_return"] <= 20
+    assert 1 <= ppo["final_return"] <= 20 and "capped_from_env_steps" not in ppo
+    assert cells[3]["env_steps"] > 256
+    assert cells[5]["env_steps"] == 256 and cells[5]["capped_from_env_steps"] == cells[3]["env_steps"]
+    assert summary["cartpole"]["ppo"]["capped"]
+    assert "capped by --ppo-max-env-steps" in (tmp_path / "table.md").read_text()
     with pytest.raises(SystemExit, match="use the same budget"):
         table.main(argv + ["--env-steps", "256", "--seeds", "2", "--resume"])
