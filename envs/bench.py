@@ -163,9 +163,11 @@ def rnn_params(key: jax.Array, *, width: int, d_in: int) -> dict:
 def rnn_forward(params: dict, xs: jax.Array) -> jax.Array:
     """``xs: float[T, d_in] -> float[]``: ``h ← tanh(x_t W_x + h W_h + b)``, mean of ``h·w_o`` over steps.
 
-    ``params`` may be a member view: it is built once by the caller and closed over by the scan body, so each
+    ``params`` may be a member view: it is built once by the caller, resolved once by :func:`esx.prepare` (the
+    documented habit before a loop; plain arrays pass unchanged) and closed over by the scan body, so each
     member's perturbation is reused at every step.
     """
+    params = esx.prepare(params)
     wo = esx.value(params["wo"])
     b = esx.value(params["b"])
 
@@ -298,7 +300,7 @@ def case_b1b(*, quick: bool, repeats: int, sources) -> dict:
     config = {"model": f"tanh RNN width {width}, input width {d_in}, linear read-out", "steps": steps,
               "population_size": pop, "rank": rank, "antithetic": True, "dtype": "float32",
               "sources": list(sources), "member_batches": list(member_batches),
-              "view": "built once per member outside the time scan",
+              "view": "built once per member outside the time scan, resolved by esx.prepare",
               "member_orders": "hash member-batched forms also with member_order='pairs_outer' (suffix /pairs_outer)"}
     return _throughput_case("B1b", forward=rnn_forward, params=params, data=data, population_size=pop, rank=rank,
                             sources=sources, member_batches=member_batches, repeats=repeats, config=config,

@@ -198,9 +198,10 @@ def prepare(view):
     """Resolves a member view for repeated use, e.g. once before an RL rollout's loop.
 
     :class:`Full` leaves become plain arrays (``base + c ε`` is computed once instead of at every use);
-    2-D :class:`LowRank` leaves of rank > 1 become :class:`SplitLowRank` (their columns sliced once); stacked
-    (``ndim > 2``) low-rank leaves and plain arrays are returned as they are. :func:`dense`, :func:`embed` and
-    :func:`value` give the same values on the result, up to float rounding.
+    2-D :class:`LowRank` leaves become :class:`SplitLowRank` (their columns sliced once; at rank 1 too: inside a
+    ``scan`` XLA:CPU copied the loop-invariant factor for the slice ``a[:, 0]`` at every step, which cost a B1b
+    RNN step about 2% of its time); stacked (``ndim > 2``) low-rank leaves and plain arrays are returned as they
+    are. :func:`dense`, :func:`embed` and :func:`value` give the same values on the result, up to float rounding.
 
     Args:
       view: any pytree (a member view from :meth:`esx.Strategy.evaluate`, or plain parameters).
@@ -212,7 +213,7 @@ def prepare(view):
     def resolve(x):
         if isinstance(x, Full):
             return value(x)
-        if isinstance(x, LowRank) and x.ndim == 2 and x.a.shape[-1] > 1:
+        if isinstance(x, LowRank) and x.ndim == 2:
             r = x.a.shape[-1]
             return SplitLowRank(x.base, tuple(x.a[:, k] for k in range(r)), tuple(x.b[:, k] for k in range(r)),
                                 x.coef)

@@ -144,11 +144,19 @@ def test_single_row_dense_on_cpu_uses_no_matrix_product_for_a_tiny_input():
     assert " dot(" in hlo or "ynn_fusion" in hlo
 
 
-def test_prepare_keeps_rank_one_stacked_and_plain_leaves():
+def test_prepare_splits_rank_one_and_keeps_stacked_and_plain_leaves():
+    """Rank-1 matrices are split too (in a scan XLA:CPU copied the loop-invariant ``a[:, 0]`` at every step), with
+    the same ``dense`` values on one row and on several; stacked leaves (``lax.scan`` slices them later) and plain
+    arrays pass unchanged."""
     stacked = esx.LowRank(jnp.ones((2, 3, 4)), jnp.ones((2, 3, 2)), jnp.ones((2, 4, 2)), jnp.ones(2))
-    rank1 = esx.LowRank(jnp.ones((3, 4)), jnp.ones((3, 1)), jnp.ones((4, 1)), jnp.ones(()))
+    k = jax.random.split(jax.random.key(0), 4)
+    rank1 = esx.LowRank(jax.random.normal(k[0], (3, 4)), jax.random.normal(k[1], (3, 1)),
+                        jax.random.normal(k[2], (4, 1)), jnp.asarray(0.3))
     out = esx.prepare({"s": stacked, "r1": rank1, "p": jnp.arange(3.0)})
-    assert out["s"] is stacked and out["r1"] is rank1  # nothing to split, or a leaf that lax.scan slices later
+    assert out["s"] is stacked
+    assert isinstance(out["r1"], esx.SplitLowRank) and len(out["r1"].a) == 1 and out["r1"].a[0].shape == (3,)
+    for x in (jax.random.normal(k[3], (3,)), jax.random.normal(k[3], (5, 3))):
+        np.testing.assert_allclose(esx.dense(x, out["r1"]), esx.dense(x, rank1), rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(out["p"], jnp.arange(3.0))
 
 
