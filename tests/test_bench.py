@@ -131,3 +131,19 @@ def test_b7_times_population_generation_against_inference(quick_results):
     assert m["inference_tokens_per_s"] == pytest.approx(tokens / m["inference_s"])
     assert m["population_member_tokens_per_s"] == pytest.approx(tokens / m["population_s"])
     assert res["met"] == {} and res["config"]["decoding"].endswith("no stop tokens")
+
+
+def test_b1b_forms_script_checks_every_form_against_the_engine():
+    """scripts/b1b_forms.py: every per-pair dot form, member order and prepared / plain view gives the engine's
+    fitness (the script asserts it before timing) and gets a ratio."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "b1b_forms.py"
+    spec = importlib.util.spec_from_file_location("b1b_forms", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = module.main(["--quick", "--repeats", "1"])
+    forms = out["forms"]
+    assert len(forms) == 2 + 4 + 2 + 2 and all(f["median_s"] > 0 and f["ratio"] > 0 for f in forms.values())
+    assert {"dot/plain/pairs_outer/member_batch 16", "mulred/prepared/pairs_outer/member_batch 16"} <= set(forms)
