@@ -164,3 +164,22 @@ def test_grpo_cell_resumes_exactly(fast_compile, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(
         jax.tree_util.tree_leaves(whole.trainer.params), jax.tree_util.tree_leaves(ctx.params)))   # it trained
+
+
+def test_selected_record_is_the_best_tuning_evaluation_not_the_best_validation():
+    """The 'best checkpoint' column picks each seed's evaluation by tuning-split accuracy (earliest on ties) and
+    reports its validation accuracy: never the validation maximum itself (that would select on the test set)."""
+    def rec(tp, val, tune):
+        return {"token_passes": tp, "val_accuracy": val, "tune_accuracy": tune, "wall_s": tp / 100}
+
+    data = {"runs": {"es": {
+        "1": {"done": True, "seed": 1, "settings": {"sigma": 1e-3}, "records": [
+            rec(0, 0.30, 0.15), rec(10, 0.90, 0.40), rec(20, 0.50, 0.60), rec(30, 0.70, 0.60), rec(40, 0.40, 0.50)]},
+        "2": {"done": True, "seed": 2, "settings": {"sigma": 1e-3}, "records": [
+            rec(0, 0.30, 0.15), rec(40, 0.20, 0.10)]},
+        "3": {"done": False, "seed": 3, "settings": {"sigma": 1e-3}, "records": [rec(0, 0.30, 0.15)]}}}}
+    picked = h2h.selected_records(data)
+    assert [r["val_accuracy"] for r in picked["es"]] == [0.50, 0.30] and picked["grpo"] == []
+    assert [r["val_accuracy"] for r in h2h.final_records(data)["es"]] == [0.40, 0.20]
+    row = next(line for line in h2h.markdown_table(data).splitlines() if line.startswith("| ES |"))
+    assert "| 30.0% ± 10.0 | 40.0% ± 10.0 |" in row
