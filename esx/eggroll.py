@@ -48,8 +48,9 @@ def eggroll(
         drawn inside a loop, so memory grows with ``member_batch`` rather than ``population_size``; a positive
         divisor of ``population_size`` (even with antithetic sampling). ``None`` (default): all at once. Same
         fitness; the update equal up to float summation order (docs/hyperscale.md).
-      member_order: the layout of ``evaluate``'s ``vmap`` over members, the same values either way (a speed
-        choice, docs/hyperscale.md). ``"signs_outer"`` (default): ``[2, P]`` with antithetic sampling, so a
+      member_order: the layout of ``evaluate``'s ``vmap`` over members: the same fitness either way (exactly for
+        elementwise work, to float rounding where XLA blocks a matrix product differently; a speed choice,
+        docs/hyperscale.md). ``"signs_outer"`` (default): ``[2, P]`` with antithetic sampling, so a
         fitness function's own per-member scalar work (an RL rollout's PRNG calls) runs on long contiguous axes.
         ``"pairs_outer"``: ``[P, 2]``, so a member's activations ``[P, 2, d]`` meet its pair's factors ``[P, d]``
         without a transpose: faster for wide per-member state carried through a loop (an RNN's hidden state).

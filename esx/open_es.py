@@ -27,8 +27,8 @@ def open_es(
 ) -> Strategy:
     """Full-rank ES: every non-frozen leaf of member ``i`` is perturbed by ``σ s_i ε_i`` with ``ε_i`` of its shape.
 
-    Same arguments (``member_batch`` and ``member_order`` included) and semantics as :func:`esx.eggroll` without ``rank``;
-    ``"lowrank"`` labels are treated as ``"full"``. Each member's forward through a matrix forms its own ``m×n``
+    Same arguments (``member_batch`` and ``member_order`` included) and semantics as :func:`esx.eggroll` without
+    ``rank``; ``"lowrank"`` labels are treated as ``"full"``. Each member's forward through a matrix forms its own ``m×n``
     weight -- this is the cost EGGROLL removes, kept here as the like-for-like baseline.
     """
     return make_strategy(

@@ -199,8 +199,9 @@ def prepare(view):
 
     :class:`Full` leaves become plain arrays (``base + c ε`` is computed once instead of at every use);
     2-D :class:`LowRank` leaves become :class:`SplitLowRank` (their columns sliced once; at rank 1 too: inside a
-    ``scan`` XLA:CPU copied the loop-invariant factor for the slice ``a[:, 0]`` at every step); stacked (``ndim > 2``) low-rank leaves and plain arrays are returned as they
-    are. :func:`dense`, :func:`embed` and :func:`value` give the same values on the result, up to float rounding.
+    ``scan`` XLA:CPU copied the loop-invariant factor for the slice ``a[:, 0]`` at every step); stacked
+    (``ndim > 2``) low-rank leaves and plain arrays are returned as they are. :func:`dense`, :func:`embed` and
+    :func:`value` give the same values on the result, up to float rounding.
 
     Args:
       view: any pytree (a member view from :meth:`esx.Strategy.evaluate`, or plain parameters).

@@ -275,7 +275,7 @@ def _apply(cfg: Config, perturbation: _members.Perturbation, state: State, grad_
     return new_state, metrics
 
 
-# ``member_order`` (see :func:`esx.eggroll`): the layout of evaluate's member vmap; the same values either way.
+# ``member_order`` (see :func:`esx.eggroll`): the layout of evaluate's member vmap; the same fitness either way.
 MEMBER_ORDERS = ("signs_outer", "pairs_outer")
 
 

@@ -20,8 +20,8 @@ score is the greedy return of the unperturbed policy over
 environment steps on the same environment as the ES cells: the config's adapter as a gymnax-style environment
 (:class:`esx_envs.rl.gymnax_env.AdapterEnv`, auto-resetting, the config's ``max_steps``), with rejax's observation
 normalisation where the config normalises observations. rejax's own wrappers failed on Brax 0.14, Jumanji and
-Craftax (docs/rl.md); the adapter is written for every suite esx adapts (PPO through it is tested on Brax). The score is the last of rejax's own
-evaluations (128 episodes, actions sampled from the policy, as rejax evaluates). A PPO failure is reported and skips
+Craftax (docs/rl.md); the adapter is written for every suite esx adapts (PPO through it is tested on Brax). The
+score is the last of rejax's own evaluations (128 episodes, actions sampled from the policy, as rejax evaluates). A PPO failure is reported and skips
 that environment's PPO cells.
 
 Normalisation (as the paper reports returns relative to PPO): ``score = 1 + (R - R_PPO) / |R_PPO|``, which is
