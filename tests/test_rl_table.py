@@ -1,6 +1,7 @@
 """scripts/rl_table.py: one tiny cell end to end (JSON, markdown, figure, resume) and the PPO normalisation."""
 import importlib.util
 import json
+import math
 import os
 import sys
 
@@ -84,3 +85,26 @@ def test_methods_take_turns_within_a_seed_and_ppo_shares_the_es_episode_limit(ta
     assert "capped by --ppo-max-env-steps" in (tmp_path / "table.md").read_text()
     with pytest.raises(SystemExit, match="use the same budget"):
         table.main(argv + ["--env-steps", "256", "--seeds", "2", "--resume"])
+
+
+def test_rl_grad_snr_script_estimates_have_the_same_scale_for_both_strategies():
+    """scripts/rl_grad_snr.py: at the initial policy EGGROLL's and OpenES's gradient estimates have the same
+    expected norm (the same per-entry noise variance, the same shaping); a missing 1/√r or σ factor would put the
+    ratio of the total norms far outside [0.7, 1.4]. Cosines are cosines; --estimates 1 is refused."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "rl_grad_snr.py"
+    spec = importlib.util.spec_from_file_location("rl_grad_snr", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit):
+        module.main(["--estimates", "1"])
+    out = module.main(["--config", "cartpole", "--estimates", "2", "--set", "population_size=128", "width=8",
+                       "depth=1", "max_steps=100"])
+    leaves = out["leaves"]
+    assert set(leaves) >= {"['hidden'][0]['w']", "['out']['w']"}
+    total = {s: math.sqrt(sum(row[s]["norm"] ** 2 for row in leaves.values())) for s in ("eggroll", "open_es")}
+    assert 0.7 < total["eggroll"] / total["open_es"] < 1.4, total
+    assert all(-1 <= row[s]["cos_mean"] <= 1 and -1 <= row["cross"] <= 1 for row in leaves.values()
+               for s in ("eggroll", "open_es"))
