@@ -96,6 +96,12 @@ def test_head_to_head_smoke_and_resume(script, fast_compile, tmp_path):
     table = (tmp_path / "h2h.md").read_text().split("\n\n")[0]   # the head-to-head table (then the trials)
     rows = [line for line in table.splitlines() if line.startswith("| ES |") or line.startswith("| GRPO |")]
     assert len(rows) == 2 and all("| 1 (0) |" in row for row in rows)
+    signal = (tmp_path / "h2h.md").read_text().split("| ES cell |")[1]   # the ES cells' signal table, last
+    for cell in ("tune-es-0", "run-es-seed0"):
+        train = [json.loads(line) for line in (tmp_path / "cells" / cell / "metrics.jsonl").read_text().splitlines()]
+        train = [r for r in train if r["kind"] == "train"]
+        assert f"| {cell} | learning_rate=" in signal and f"| {len(train)} | {sum(r['no_signal'] for r in train)} (" \
+            in signal
     png = tmp_path / "h2h.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -183,3 +189,34 @@ def test_selected_record_is_the_best_tuning_evaluation_not_the_best_validation()
     assert [r["val_accuracy"] for r in h2h.final_records(data)["es"]] == [0.40, 0.20]
     row = next(line for line in h2h.markdown_table(data).splitlines() if line.startswith("| ES |"))
     assert "| 30.0% ± 10.0 | 40.0% ± 10.0 |" in row
+
+
+def test_es_signal_counts_tied_generations_from_the_cells_metrics(tmp_path):
+    """The report's ES signal table: generations, those with no signal, the mean tied-pair fraction and the median
+    ESS, read from each ES cell's metrics.jsonl (eval records, GRPO cells and folders without records ignored;
+    tuning trials first); an unfinished cell is marked."""
+    def cell(name, train, config=None):
+        d = tmp_path / name
+        d.mkdir()
+        lines = [{"kind": "eval", "generation": 0, "no_signal": True}] + [
+            {"kind": "train", "generation": i + 1, **r} for i, r in enumerate(train)]
+        (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+        if config:
+            (d / "config.json").write_text(json.dumps(config))
+
+    rec = lambda ns, flat, ess: {"no_signal": ns, "flat_group_fraction": flat, "ess": ess}
+    cell("run-es-seed1", [rec(True, 1.0, 0.0), rec(False, 0.5, 4.0), rec(True, 1.0, 0.0), rec(False, 0.25, 6.0)],
+         {"population_size": 16, "prompts_per_member": 2, "sigma": 8e-4, "learning_rate": 7e-4, "seed": 1})
+    cell("tune-es-0", [rec(False, 0.0, 8.0)])
+    cell("run-grpo-seed1", [rec(True, 1.0, 0.0)])
+    (tmp_path / "run-es-seed2").mkdir()
+    rows = h2h.es_signal(tmp_path)
+    assert [r["cell"] for r in rows] == ["tune-es-0", "run-es-seed1"]
+    r = rows[1]
+    assert (r["generations"], r["no_signal"], r["flat_group_fraction"], r["ess"]) == (4, 2, 0.6875, 2.0)
+    assert r["settings"] == {"population_size": 16, "prompts_per_member": 2, "sigma": 8e-4, "learning_rate": 7e-4}
+    table = h2h.signal_table(rows, finished={"tune-es-0"})
+    assert "| run-es-seed1 (running) | learning_rate=0.0007, population_size=16, prompts_per_member=2, " \
+           "sigma=0.0008 | 4 | 2 (50%) | 69% | 2.00 |" in table
+    assert "| tune-es-0 |  | 1 | 0 (0%) | 0% | 8.00 |" in table
+    assert h2h.signal_table([]) == ""

@@ -549,14 +549,58 @@ def plot(data: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def es_signal(cells_dir: Path) -> list[dict]:
+    """How often the ES cells' generations carried a signal, from each cell's ``metrics.jsonl`` (the runner's train
+    records under ``cells_dir/<cell>/``; cells whose folder is gone are left out): per cell ``{"cell", "settings",
+    "generations", "no_signal"`` (generations in which every antithetic pair tied: a zero gradient),
+    ``"flat_group_fraction"`` (mean over generations of the fraction of pairs that tied), ``"ess"`` (median effective
+    sample size after shaping)``}``, tuning trials first, then runs, each in name order."""
+    rows = []
+    for path in sorted(Path(cells_dir).glob("*-es-*/metrics.jsonl"), key=lambda p: (not p.parent.name.startswith(
+            "tune"), p.parent.name)):
+        train = [r for r in map(json.loads, path.read_text().splitlines()) if r.get("kind") == "train"]
+        if not train:
+            continue
+        cfg = json.loads((path.parent / "config.json").read_text()) if (path.parent / "config.json").exists() else {}
+        rows.append({"cell": path.parent.name,
+                     "settings": {k: cfg[k] for k in ("population_size", "prompts_per_member", "sigma",
+                                                      "learning_rate") if k in cfg},
+                     "generations": len(train), "no_signal": int(sum(bool(r["no_signal"]) for r in train)),
+                     "flat_group_fraction": float(np.mean([r["flat_group_fraction"] for r in train])),
+                     "ess": float(np.median([r["ess"] for r in train]))})
+    return rows
+
+
+def signal_table(rows: list[dict], finished: set[str] | frozenset = frozenset()) -> str:
+    """The markdown of :func:`es_signal` (empty when there are no rows); cells not in ``finished`` are marked
+    "(running)": their generations so far."""
+    if not rows:
+        return ""
+    lines = ["| ES cell | settings | generations | no-signal generations | tied pairs (mean) | ESS (median) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        settings = ", ".join(f"{k}={v:g}" for k, v in sorted(r["settings"].items()))
+        name = r["cell"] if r["cell"] in finished else f"{r['cell']} (running)"
+        lines.append(f"| {name} | {settings} | {r['generations']} | {r['no_signal']} "
+                     f"({100 * r['no_signal'] / r['generations']:.0f}%) | {100 * r['flat_group_fraction']:.0f}% | "
+                     f"{r['ess']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(store: Store) -> tuple[Path, Path]:
-    """``h2h.md`` (the table) and ``h2h.png`` (the figure) next to the JSON."""
+    """``h2h.md`` (the table; then, where the ES cells' run folders are present, :func:`signal_table`) and
+    ``h2h.png`` (the figure) next to the JSON."""
     md, png = store.out / "h2h.md", store.out / "h2h.png"
-    md.write_text(markdown_table(store.data))
+    finished = {f"tune-{m}-{k}" for m, cells in store.data.get("tune", {}).items() for k, c in cells.items()
+                if c.get("done")}
+    finished |= {f"run-{m}-seed{k}" for m, cells in store.data.get("runs", {}).items() for k, c in cells.items()
+                 if c.get("done")}
+    signal = signal_table(es_signal(store.out / "cells"), finished)
+    md.write_text(markdown_table(store.data) + (f"\n{signal}" if signal else ""))
     plot(store.data, png)
     return md, png
 
 
 __all__ = ["Context", "context", "ESArm", "GRPOArm", "METHODS", "Progress", "SEARCH_SPACE", "Store", "default_settings",
-           "markdown_table", "mean_se", "parse_settings", "parse_spec", "plot", "run_cell", "sample_settings",
+           "es_signal", "markdown_table", "signal_table", "mean_se", "parse_settings", "parse_spec", "plot", "run_cell", "sample_settings",
            "thresholds", "trial_settings", "write_report"]
