@@ -66,15 +66,29 @@ def test_head_to_head_smoke_and_resume(script, fast_compile, tmp_path):
     budget = data["calibration"]["token_passes"]
     assert budget > 0 and data["run_budget"] == {"budget": budget, "eval_every": round(budget / 2)}
 
-    # both methods, one seed each: token-passes from 0, non-decreasing, at least the budget at the end
+    # both methods, one seed each: token-passes from 0, non-decreasing; evaluations at the thresholds, and the end
+    # at the step nearest the budget (h2h.Progress.reached with final=True)
     for section, splits in (("tune", ("tune",)), ("runs", ("val", "tune"))):
         for method in ("es", "grpo"):
             cells = data[section][method]
             assert list(cells) == ["0"] and cells["0"]["done"]
-            recs = cells["0"]["records"]
+            recs, budget = cells["0"]["records"], cells["0"]["budget"]
             tp = [r["token_passes"] for r in recs]
             assert tp[0] == 0 and all(a <= b for a, b in zip(tp, tp[1:]))
-            assert abs(tp[-1] - cells["0"]["budget"]) <= max(np.diff(tp))   # ends near the budget
+            marks = h2h.thresholds(budget, cells["0"]["eval_every"])
+            # every threshold before the budget is evaluated at the first step at or past it (one step can pass
+            # several: one evaluation), and every evaluation between base and end is such a first step
+            assert all(any(a < m <= b for a, b in zip(tp, tp[1:])) for m in marks[:-1])
+            assert all(any(a < m <= b for m in marks[:-1]) for a, b in zip(tp, tp[1:-1]))
+            if method == "es":   # the runner's records give the last step's token-passes exactly
+                train = [json.loads(line) for line in
+                         (tmp_path / "cells" / cells["0"]["key"] / "metrics.jsonl").read_text().splitlines()]
+                train = [r for r in train if r["kind"] == "train"]
+                last = train[-1]["gen_token_passes"]
+                assert train[-1]["token_passes"] == tp[-1]
+            else:                # at least one step since the previous evaluation
+                last = tp[-1] - tp[-2]
+            assert budget - tp[-1] < last / 2 if tp[-1] < budget else tp[-1] - last < budget
             assert cells["0"]["first_steps"] == [1] and recs[-1]["first_steps_s"] > 0
             assert len(recs) >= 2 and all(a <= b for a, b in zip([r["wall_s"] for r in recs],
                                                                   [r["wall_s"] for r in recs][1:]))
@@ -162,7 +176,8 @@ def test_grpo_cell_resumes_exactly(fast_compile, tmp_path):
     first.train_until(1, q)
     second = arm("b")
     r = second.restore(set())
-    assert (r.generation, r.token_passes) == (1, q.token_passes)
+    assert (r.generation, r.token_passes, r.last_step, r.wall_s) == (1, q.token_passes, q.last_step, q.wall_s)
+    assert r.last_step > 0
     second.train_until(r.token_passes + 1, r)
     assert (r.generation, r.token_passes) == (p.generation, p.token_passes) == (2, p.token_passes)
     for a, b in zip(jax.tree_util.tree_leaves((whole.trainer.params, whole.trainer.opt_state)),

@@ -94,6 +94,9 @@ def test_ess_of_raw_fitness_and_its_bounds():
     f = np.asarray(CASES["distinct"], np.float32)
     m, _ = tell(strategy(shaping="identity"), f)
     assert float(m.ess) == pytest.approx(np_ess(f[0::2] - f[1::2]), rel=1e-6)
+    z = (f - f.mean()) / np.sqrt(f.var() + 1e-5)                      # z_score: the weights' pair differences
+    m, _ = tell(strategy(shaping="z_score"), f)
+    assert float(m.ess) == pytest.approx(np_ess(z[0::2] - z[1::2]), rel=1e-5)
     # every pair weight of one magnitude: ESS = the number of pairs; one decided pair: 1
     m, _ = tell(strategy(shaping="pair_sign"), np.array([1, 0, 0, 1, 5, 2, 0, 3], np.float32))
     assert float(m.ess) == 4.0 and not bool(m.no_signal)
@@ -101,15 +104,23 @@ def test_ess_of_raw_fitness_and_its_bounds():
     assert float(m.ess) == 1.0 and float(m.flat_group_fraction) == 0.75
 
 
+#: every shaping name esx resolves (esx.shaping.get), group_z_score with groups of 2
+ALL_SHAPINGS = sorted([*esx.shaping.SHAPINGS, "group_z_score"])
+
+
 def test_constant_fitness_carries_no_signal_for_every_shaping():
-    for shaping in ("centered_rank", "z_score", "identity", "pair_sign"):
-        m, grads = tell(strategy(shaping=shaping), np.full(8, 0.1, np.float32))
+    for shaping in ALL_SHAPINGS:
+        groups = {"group_size": 2} if shaping == "group_z_score" else {}
+        m, grads = tell(strategy(shaping=shaping, **groups), np.full(8, 0.1, np.float32))
         assert bool(m.no_signal) and float(m.ess) == 0.0, shaping
         assert float(m.tie_fraction) == 1.0 and float(m.flat_group_fraction) == 1.0
         assert all(not np.any(np.asarray(g)) for g in jax.tree_util.tree_leaves(grads))
-    # without antithetic pairs, z_score's rounding leaves tiny non-zero weights: the flat population still flags it
-    m, _ = tell(strategy(shaping="z_score", antithetic=False), np.full(8, 0.1, np.float32))
-    assert bool(m.no_signal) and float(m.flat_group_fraction) == 1.0
+        if shaping == "pair_sign":   # defined on antithetic pairs only
+            continue
+        # without antithetic pairs a shaping's rounding may leave tiny non-zero weights (z_score does): the flat
+        # population still flags it
+        m, _ = tell(strategy(shaping=shaping, antithetic=False, **groups), np.full(8, 0.1, np.float32))
+        assert bool(m.no_signal) and float(m.flat_group_fraction) == 1.0, shaping
 
 
 def test_groups_every_member_solves_or_fails():
@@ -170,8 +181,18 @@ def test_step_and_jit_report_the_diagnostics():
         return -jnp.sum((esx.dense(data, p["w"]) + esx.value(p["b"]) - 1.0) ** 2)
 
     state = s.init(jax.random.key(0), PARAMS)
-    _, m = esx.step(s, state, fitness, jax.random.key(1), jnp.ones((2, 3)))
-    assert set(esx.base.DIAGNOSTICS) <= set(m._fields) and 0 < float(m.ess) <= 4
+    data = jnp.arange(6.0).reshape(2, 3) / 6
+    _, m = esx.step(s, state, fitness, jax.random.key(1), data)
+    assert set(esx.base.DIAGNOSTICS) <= set(m._fields)
+    # the same numbers as the NumPy references on the fitness esx.step evaluated (same key), and as tell's
+    f = np.asarray(s.evaluate(state, fitness, jax.random.key(1), data))
+    w = np_centered_rank(f)
+    assert float(m.ess) == pytest.approx(np_ess(w[0::2] - w[1::2]), rel=1e-6) and 1 <= float(m.ess) <= 4
+    assert float(m.tie_fraction) == pytest.approx(np_tie_fraction(f))
+    _, m_tell = s.tell(state, jnp.asarray(f))
+    for name in esx.base.DIAGNOSTICS:
+        np.testing.assert_allclose(np.asarray(getattr(m, name)), np.asarray(getattr(m_tell, name)), rtol=1e-6,
+                                   err_msg=name)
 
 
 def test_runner_logs_diagnostics_and_flags_a_generation_without_signal(tmp_path, capsys):

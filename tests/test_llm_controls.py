@@ -41,12 +41,13 @@ def test_countdown_config_and_generator_knobs():
         assert task.score(p, f"<answer>{p.meta['solution']}</answer>") == 1.0   # solvable
     with pytest.raises(ConfigError, match="min_number"):
         dataclasses.replace(c, min_number=41)
-    # the config's held-out sets (docs/llm.md: base accuracy 32% / 16%) are many distinct puzzles, none shared
+    # the config's held-out sets (docs/llm.md: base accuracy 32% / 16%; 61 / 43 distinct puzzles) are fixed by the
+    # seed, none shared
     base = llm_task.make_task(c)
     keys = {s: [llm_task.puzzle_key(p) for p in fn(base, 0, n, disjoint=True)]
             for s, fn, n in (("val", llm_task.validation_problems, c.val_size),
                              ("tune", llm_task.tuning_problems, c.tune_size))}
-    assert len(set(keys["val"])) >= 50 and len(set(keys["tune"])) >= 35 and not set(keys["val"]) & set(keys["tune"])
+    assert (len(set(keys["val"])), len(set(keys["tune"]))) == (61, 43) and not set(keys["val"]) & set(keys["tune"])
     with pytest.raises(ConfigError, match="min_target"):
         dataclasses.replace(c, min_target=0)
 
@@ -354,9 +355,22 @@ def test_llm_config_optimizer_controls():
     opt = es.make_optimizer(c)
     upd, _ = opt.update({"w": jnp.ones(2)}, opt.init(p), p)
     np.testing.assert_allclose(upd["w"], -c.step_size, rtol=1e-6)
-    m = LLMConfig(model="tiny", lr_multipliers="embed=0.1, layers/w_*=2", anchor_decay=0.01)
+    m = LLMConfig(model="tiny", optimizer="sgd", learning_rate=0.5, lr_multipliers="embed=0.1, layers/w_*=2",
+                  anchor_decay=0.01)
     assert m.multipliers == {"embed": 0.1, "layers/w_*": 2.0}
-    assert len(es.make_optimizer(m).init(model.init_params(jax.random.key(0), TINY))) == 3
+    # SGD at 0.5, then the per-path factors (embed 0.1; w_down / w_gate / w_up 2; the rest 1), then the pull
+    # -0.01 (θ - θ₀) toward the parameters the optimizer state was initialised at
+    params = model.init_params(jax.random.key(0), TINY)
+    opt = es.make_optimizer(m)
+    state = opt.init(params)
+    factor = {"embed": 0.1, "norm": 1.0, **{k: 2.0 if k.startswith("w_") else 1.0 for k in params["layers"]}}
+    assert sorted(k for k, v in factor.items() if v == 2.0) == ["w_down", "w_gate", "w_up"]
+    for delta in (0.0, 1.0):   # at θ₀ no pull; at θ₀ + 1 every entry is pulled back by 0.01
+        moved = jax.tree.map(lambda x: x + delta, params)
+        upd, _ = opt.update(jax.tree.map(jnp.ones_like, params), state, moved)
+        for name, f in factor.items():
+            leaf = upd["layers"][name] if name in params["layers"] else upd[name]
+            np.testing.assert_allclose(leaf, -0.5 * f - 0.01 * delta, rtol=1e-6, err_msg=name)
     for bad in ("embed", "embed=x", "=2", "embed=-1"):
         with pytest.raises(ConfigError, match="lr_multipliers"):
             LLMConfig(model="tiny", lr_multipliers=bad)

@@ -64,10 +64,10 @@ def test_estimate_is_a_line_fitted_to_xla_and_predicts_an_unseen_batch(estimate)
     # linear in K
     peaks = [estimate.peak_bytes(k) for k in (8, 16, 32)]
     assert peaks[2] - peaks[1] == pytest.approx(2 * (peaks[1] - peaks[0]), abs=2)
-    # an unseen K: evaluate's temporaries and the whole esx.step's peak within 25% (measured: 5% and 3% over)
+    # an unseen K: evaluate's temporaries and the whole esx.step's peak within 10% (measured: 5% and 3% over)
     ev_temp, step_peak = compiled_bytes(16)
-    assert estimate.eval_bytes(16) == pytest.approx(ev_temp, rel=0.25)
-    assert estimate.peak_bytes(16) == pytest.approx(step_peak, rel=0.25)
+    assert estimate.eval_bytes(16) == pytest.approx(ev_temp, rel=0.10)
+    assert estimate.peak_bytes(16) == pytest.approx(step_peak, rel=0.10)
     # the unbatched peak is measured, not extrapolated
     assert estimate.peak_bytes(None) == estimate.unbatched_bytes == estimate.peak_bytes(N)
 
@@ -162,6 +162,10 @@ def test_auto_member_batch_trains_and_records_its_choice(tmp_path, estimate, mon
     for a, b in zip(jax.tree_util.tree_leaves(resumed.state.es), jax.tree_util.tree_leaves(fresh.state.es)):
         if jnp.issubdtype(a.dtype, jnp.floating):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+        else:   # generation, counters, keys: exact
+            if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+                a, b = jax.random.key_data(a), jax.random.key_data(b)
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_auto_member_batch_refuses_an_impossible_budget(monkeypatch, estimate):
