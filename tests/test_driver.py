@@ -289,3 +289,47 @@ def test_bad_device_settings_are_config_errors():
         run.make_setup(dataclasses.replace(TINY, devices=jax.device_count() + 1))
     with pytest.raises(ConfigError, match="placement"):
         run.make_setup(dataclasses.replace(TINY, placement="scatter"))
+
+
+@pytest.mark.parametrize("where", ["records", "evaluation"])
+def test_an_interrupt_while_a_chunk_is_logged_resumes_exactly(full_run, tmp_path, monkeypatch, where):
+    """Ctrl-C can land after a chunk has run but before its records, evaluation and checkpoint are written (here:
+    after the first train record of generations 3-4, or inside the evaluation at 4). The interrupted run saves the
+    last state whose records are complete (generation 2); the resume drops the partial records, runs the chunk
+    again and ends bit-identical to the uninterrupted run, each generation logged once."""
+    import esx.run.loop as loop
+
+    original, fired = loop._train_records, []
+
+    def records_then_interrupt(setup, m, n, *args):
+        for rec in original(setup, m, n, *args):
+            yield rec
+            if where == "records" and rec["generation"] == 3 and not fired:
+                fired.append(3)
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_train_records", records_then_interrupt)
+    setup = run.make_setup(TINY)
+    evaluate = setup.evaluate
+
+    def evaluate_then_interrupt(state, final):
+        out = evaluate(state, final)
+        if where == "evaluation" and state.generation == 4 and not final and not fired:
+            fired.append(4)
+            raise KeyboardInterrupt
+        return out
+
+    setup = dataclasses.replace(setup, evaluate=evaluate_then_interrupt)
+    run_dir = tmp_path / "run"
+    part = run.train(setup, run_dir, progress=False, log=lambda s: None)
+    assert fired and part.interrupted and part.state.generation == 2
+    assert run.list_checkpoints(run_dir)[-1].name == "gen_00000002"
+    resumed = run.train(TINY, run_dir, resume=True, progress=False, log=lambda s: None)
+    assert_identical(resumed.state, full_run.state)
+    recs = run.read_metrics(run_dir)
+    full = run.read_metrics(full_run.run_dir)
+    for kind in ("train", "eval", "final"):
+        mine, theirs = ([r for r in rs if r["kind"] == kind] for rs in (recs, full))
+        assert [r["generation"] for r in mine] == [r["generation"] for r in theirs], kind
+    assert [r["return_mean"] for r in recs if r["kind"] == "train"] == [
+        r["return_mean"] for r in full if r["kind"] == "train"]

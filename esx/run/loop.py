@@ -205,18 +205,21 @@ def train(task, run_dir: str | os.PathLike | None = None, *, resume: bool = Fals
             n = min(length, config.generations - state.generation)
             new_state, metrics = setup.run_chunk(state, n)
             m = jax.device_get(metrics)
-            state = new_state
+            # `state` stays the last state whose records, evaluation and checkpoint are all written until this
+            # chunk's are: a Ctrl-C in between saves that one, and the resume drops the chunk's partial records
+            # and runs it again (the same records, the same state)
             for rec in _train_records(setup, m, n, time.perf_counter() - t_start, totals):
                 best = max(best, rec[f"{setup.fitness_name}_max"])
                 emit(rec)
-            gen = state.generation
+            gen = new_state.generation
             if gen % config.eval_every == 0 or gen >= config.generations:
-                last_eval = evaluation(state)
+                last_eval = evaluation(new_state)
                 if setup.target is not None and setup.better(last_eval, setup.target):
                     reached, time_to_target = True, time.perf_counter() - t_start
             if config.checkpoint_every and gen % config.checkpoint_every == 0:
-                checkpoint(state)
+                checkpoint(new_state)
                 last_ckpt = gen
+            state = new_state
             if bar is not None:
                 post = {"best": f"{best:.4g}", "mean": f"{float(m.fitness_mean[-1]):.4g}"}
                 if last_eval is not None:
