@@ -269,10 +269,10 @@ def test_noise_reuse(reuse):
     seen = []
     for g in range(7):
         seen.append(np.asarray(materialise(s, state.replace(generation=jnp.int32(g)), 0)["w"]))
+    block = (lambda g: 0) if reuse == 0 else (lambda g: g // reuse)   # reuse=0: one noise for every generation
     for g in range(7):
-        same_as_first = np.array_equal(seen[g], seen[0])
-        expected = True if reuse == 0 else (g // reuse == 0)
-        assert same_as_first == expected, (reuse, g)
+        for h in range(7):
+            assert np.array_equal(seen[g], seen[h]) == (block(g) == block(h)), (reuse, g, h)
 
 
 def test_stacked_layers_get_independent_noise_per_slice_and_scan():
@@ -458,21 +458,29 @@ def test_nonfinite_policy_in_shaping():
     # NaN / ±inf become the worst finite value (1.0); the four tied 1.0s share ranks 0..3 (mean 1.5):
     # 1.5 / 5 - 0.5 = -0.2; 2.0 has rank 4 -> 0.3; 3.0 has rank 5 -> 0.5.
     np.testing.assert_allclose(r, [-0.2, -0.2, 0.5, -0.2, -0.2, 0.3], atol=1e-6)
-    assert np.all(np.isfinite(esx.shaping.z_score(f)))
+    # every shaping sees NaN / +inf / -inf as the worst finite value, bit for bit
+    clean = jnp.array([1.0, 1.0, 3.0, 1.0, 1.0, 2.0])
+    for shape in [*esx.shaping.SHAPINGS.values(), esx.shaping.group_z_score(2), esx.shaping.group_z_score(3)]:
+        np.testing.assert_array_equal(shape(f), shape(clean))
+        assert np.all(np.isfinite(shape(f)))
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
-@pytest.mark.parametrize("shaping", ["centered_rank", "z_score", "identity", "pair_sign"])
+@pytest.mark.parametrize("shaping", ["centered_rank", "z_score", "identity", "pair_sign", "group_z_score"])
 def test_ten_percent_nan_fitness_keeps_state_finite(name, shaping):
     params = small_params()
-    s = STRATEGIES[name](population_size=40, sigma=0.1, optimizer=optax.adam(0.1), shaping=shaping)
+    groups = {"group_size": 4} if shaping == "group_z_score" else {}
+    s = STRATEGIES[name](population_size=40, sigma=0.1, optimizer=optax.adam(0.1), shaping=shaping, **groups)
     state = s.init(jax.random.key(0), params)
     for g in range(5):
         f = jax.random.normal(jax.random.key(g), (40,))
-        f = f.at[jax.random.choice(jax.random.key(100 + g), 40, (4,), replace=False)].set(jnp.nan)
+        nan = jax.random.choice(jax.random.key(100 + g), 40, (4,), replace=False)
+        f = f.at[nan].set(jnp.nan)
         state, m = s.tell(state, f)
         assert int(m.num_nonfinite) == 4
-        assert np.isfinite(float(m.fitness_mean))
+        finite = np.delete(np.asarray(f), np.asarray(nan))          # the statistics are the finite entries'
+        assert float(m.fitness_mean) == pytest.approx(finite.mean(), rel=1e-5, abs=1e-6)
+        assert float(m.fitness_max) == finite.max() and float(m.fitness_min) == finite.min()
     for leaf in jax.tree_util.tree_leaves((state.params, state.opt_state)):
         assert np.all(np.isfinite(np.asarray(leaf)))
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(state.params),
@@ -553,12 +561,24 @@ def test_bad_params_labels_and_fitness():
 
 
 def test_groups_share_keys_and_data():
+    """README: ``fitness_fn`` gets ``key = fold_in(key, member // group_size)``, and with ``data_per_group`` the
+    group's slice of the data (groups of 4 here: larger than the antithetic pairs)."""
     s = esx.eggroll(population_size=8, sigma=0.1, optimizer=optax.sgd(0.1), group_size=4)
     state = s.init(jax.random.key(0), {"w": jnp.zeros((2, 2))})
-    f = s.evaluate(state, lambda p, k, d: jax.random.uniform(k) + d, jax.random.key(3),
-                   jnp.array([10.0, 20.0]), data_per_group=True)
-    assert len(set(np.asarray(f[:4]).tolist())) == 1 and len(set(np.asarray(f[4:]).tolist())) == 1
-    assert 10 < float(f[0]) < 11 and 20 < float(f[4]) < 21
+    key = jax.random.key(3)
+    f = s.evaluate(state, lambda p, k, d: jax.random.uniform(k) + d, key, jnp.array([10.0, 20.0]),
+                   data_per_group=True)
+    member = jnp.arange(8)
+    want = jax.vmap(lambda m: jax.random.uniform(jax.random.fold_in(key, m // 4)))(member) + jnp.where(
+        member < 4, 10.0, 20.0)
+    np.testing.assert_array_equal(f, want)
+    assert float(f[0]) != float(f[4]) - 10.0     # the two groups' keys differ
+    for order in ("signs_outer", "pairs_outer"):   # the same keys whatever the member layout and batching
+        for k in (None, 4):
+            t = esx.eggroll(population_size=8, sigma=0.1, optimizer=optax.sgd(0.1), group_size=4,
+                            member_order=order, member_batch=k)
+            np.testing.assert_array_equal(t.evaluate(state, lambda p, k, d: jax.random.uniform(k) + d, key,
+                                                     jnp.array([10.0, 20.0]), data_per_group=True), want)
     with pytest.raises(ValueError, match="leading axis of 2"):
         s.evaluate(state, lambda p, k, d: d, jax.random.key(3), jnp.ones(3), data_per_group=True)
 
