@@ -620,6 +620,38 @@ def test_population_noise_follows_the_documented_key_formula():
                                       esx.noise.full_noise(k_b, (4,), jnp.float32, "normal"))
 
 
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+@pytest.mark.parametrize("source", SOURCES)
+def test_noise_key_formula_for_every_strategy_and_source(name, source):
+    """docs/distributed.md: every pair's noise of a leaf is drawn from ``member_key(key, path, generation, pair,
+    noise_reuse)``: low-rank factors (``lowrank_factors``) for EGGROLL's matrices, ``full_noise`` for OpenES's
+    matrices and every vector; for every noise source."""
+    params = {"enc": {"w": jnp.zeros((5, 3))}, "b": jnp.zeros(4)}
+    s = STRATEGIES[name](population_size=6, sigma=0.5, optimizer=optax.sgd(1.0), noise_reuse=2,
+                         noise_source=source, table_size=1 << 10)
+    state = s.init(jax.random.key(11), params).replace(generation=jnp.int32(5))
+    pop = s.ask(state)
+    paths = esx.labels.leaf_paths(params)   # ["b", "enc/w"]
+    for pair in range(3):
+        k_w = esx.noise.member_key(state.key, "enc/w", state.generation, pair, 2)
+        if name == "eggroll":
+            a, b = esx.noise.lowrank_factors(k_w, (5, 3), 2, jnp.float32, source, state.table)
+            np.testing.assert_array_equal(pop.noise[paths.index("enc/w")][0][pair], a)
+            np.testing.assert_array_equal(pop.noise[paths.index("enc/w")][1][pair], b)
+        else:
+            np.testing.assert_array_equal(pop.noise[paths.index("enc/w")][pair],
+                                          esx.noise.full_noise(k_w, (5, 3), jnp.float32, source, state.table))
+        k_b = esx.noise.member_key(state.key, "b", state.generation, pair, 2)
+        np.testing.assert_array_equal(pop.noise[paths.index("b")][pair],
+                                      esx.noise.full_noise(k_b, (4,), jnp.float32, source, state.table))
+    # generation 4 is in the same reuse block (4 // 2 == 5 // 2): the same noise; generation 6 is not
+    same = s.ask(state.replace(generation=jnp.int32(4)))
+    other = s.ask(state.replace(generation=jnp.int32(6)))
+    chex.assert_trees_all_equal(same.noise, pop.noise)
+    assert not np.array_equal(np.asarray(jax.tree_util.tree_leaves(other.noise)[0]),
+                              np.asarray(jax.tree_util.tree_leaves(pop.noise)[0]))
+
+
 def test_stacked_full_leaves_scan_like_lowrank_ones():
     """A perturbed bias stack [layers, d] slices under lax.scan (Full.coef has one entry per row)."""
     params = {"w": jnp.zeros((3, 4, 4)), "b": jnp.ones((3, 4))}
