@@ -702,3 +702,125 @@ def test_out_of_range_ids_clamp_in_esx_embed():
     """docs/interop.md, Limits: an id past the table reads the last row in ``esx.embed`` (JAX's gather clamps)."""
     table = jnp.arange(12.0).reshape(4, 3)
     np.testing.assert_array_equal(esx.embed(jnp.array([5, 3]), table), table[jnp.array([3, 3])])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# docs/interop.md: "a subclass that overrides __call__, a layer with a custom dot_general" are materialised (with the
+# warning naming why), so the user's code runs, not the adapter's low-rank call
+
+def _scaled_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
+    return 3.0 * jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                     preferred_element_type=preferred_element_type)
+
+
+class DoubledDense(nn.Dense):
+    def __call__(self, x):
+        return 2.0 * super().__call__(x)
+
+
+class LinenOverrides(nn.Module):
+    @nn.compact
+    def __call__(self, x):                                            # x [B, L, D]
+        h = jnp.tanh(DoubledDense(5, name="doubled")(x))
+        h = jnp.tanh(nn.Dense(4, dot_general=_scaled_dot_general, name="custom")(h))
+        return nn.Dense(HID, name="head")(h)
+
+
+def test_linen_overridden_call_and_custom_dot_general_are_materialised():
+    model = LinenOverrides()
+    x = _normal(2, B, L, D)
+    variables = _random_like(jax.eval_shape(model.init, jax.random.key(0), x))
+    strategy = _strategy(esx_linen.labels(model, variables, x))
+    state = strategy.init(jax.random.key(1), variables)
+
+    def fitness(view, key, x):
+        return -jnp.mean(esx_linen.apply(model, view, x) ** 2)
+
+    def reference(view, key, x):
+        return -jnp.mean(model.apply(_materialised(view), x) ** 2)
+
+    def ignoring_the_override(view, key, x):   # what the adapter would compute with the library's own Dense
+        return -jnp.mean(LinenPlain().apply(_materialised(view), x) ** 2)
+
+    msg = _one_warning(strategy, state, fitness, reference, x)
+    assert "params/doubled/kernel" in msg and "overrides Dense.__call__" in msg
+    assert "params/custom/kernel" in msg and "custom dot_general" in msg and "params/head" not in msg
+    f = strategy.evaluate(state, fitness, jax.random.key(3), x)
+    assert not np.allclose(f, strategy.evaluate(state, ignoring_the_override, jax.random.key(3), x), rtol=1e-3)
+
+
+class LinenPlain(nn.Module):
+    """LinenOverrides with the library's Dense everywhere (the same parameter names)."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = jnp.tanh(nn.Dense(5, name="doubled")(x))
+        h = jnp.tanh(nn.Dense(4, name="custom")(h))
+        return nn.Dense(HID, name="head")(h)
+
+
+class DoubledLinear(nnx.Linear):
+    def __call__(self, x):
+        return 2.0 * super().__call__(x)
+
+
+class NNXOverrides(nnx.Module):
+    def __init__(self, rngs):
+        self.doubled = DoubledLinear(D, 5, rngs=rngs)
+        self.custom = nnx.Linear(5, 4, dot_general=_scaled_dot_general, rngs=rngs)
+        self.head = nnx.Linear(4, HID, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(jnp.tanh(self.custom(jnp.tanh(self.doubled(x)))))
+
+
+def test_nnx_overridden_call_and_custom_dot_general_are_materialised():
+    model = _nnx_model(NNXOverrides)
+    graphdef, params, rest = esx_nnx.split(model)
+    strategy = _strategy(esx_nnx.labels(model))
+    state = strategy.init(jax.random.key(1), params)
+    x = _normal(2, B, L, D)
+
+    def fitness(view, key, x):
+        return -jnp.mean(esx_nnx.merge(graphdef, view, rest)(x) ** 2)
+
+    def reference(view, key, x):
+        return -jnp.mean(nnx.merge(graphdef, _materialised(view), rest)(x) ** 2)
+
+    msg = _one_warning(strategy, state, fitness, reference, x)
+    assert "doubled/kernel" in msg and "overrides Linear.__call__" in msg
+    assert "custom/kernel" in msg and "custom dot_general" in msg and "head" not in msg
+
+
+class DoubledEqxLinear(eqx.nn.Linear):
+    def __call__(self, x, *, key=None):
+        return 2.0 * super().__call__(x, key=key)
+
+
+class EqxOverrides(eqx.Module):
+    doubled: DoubledEqxLinear
+    head: eqx.nn.Linear
+
+    def __init__(self, key):
+        k = jax.random.split(key)
+        self.doubled = DoubledEqxLinear(D, 5, key=k[0])
+        self.head = eqx.nn.Linear(5, HID, key=k[1])
+
+    def __call__(self, x):                                     # x [L, D]
+        return jax.vmap(lambda r: self.head(jnp.tanh(self.doubled(r))))(x)
+
+
+def test_eqx_overridden_call_is_materialised():
+    params, static = esx_eqx.partition(_eqx_model(EqxOverrides))
+    strategy = _strategy(esx_eqx.labels(params))
+    state = strategy.init(jax.random.key(1), params)
+    x = _normal(2, B, L, D)
+
+    def fitness(view, key, x):
+        return -jnp.mean(jax.vmap(esx_eqx.combine(view, static))(x) ** 2)
+
+    def reference(view, key, x):
+        return -jnp.mean(jax.vmap(eqx.combine(_materialised(view), static))(x) ** 2)
+
+    msg = _one_warning(strategy, state, fitness, reference, x)
+    assert "doubled/weight" in msg and "overrides __call__" in msg and "head" not in msg
