@@ -35,13 +35,18 @@ def main(tmp: str) -> None:
     relf = lambda r: max(float(np.max(np.abs(a - b)) / (np.max(np.abs(a)) + 1e-30))
                          for a, b in zip(ref, run.checkpoint._to_host(r.state)) if np.issubdtype(a.dtype, np.floating))
     rel = relf(reduce)
+    # the leaves that are not floating point (generation, keys, counters) must be equal, not merely close
+    ints = lambda r: all(np.array_equal(a, b) for a, b in zip(ref, run.checkpoint._to_host(r.state))
+                         if not np.issubdtype(a.dtype, np.floating))
+    num_ints = sum(not np.issubdtype(a.dtype, np.floating) for a in ref)
     try:
         run.make_setup(dataclasses.replace(TINY, devices=3))
         indivisible = "no error"
     except ValueError as e:
         indivisible = str(e)
     print(json.dumps({"indivisible": indivisible, "four_equals_one": same(four), "mixed_equals_one": same(mixed),
-                      "four_rel": relf(four), "mixed_rel": relf(mixed),
+                      "four_rel": relf(four), "mixed_rel": relf(mixed), "num_int_leaves": num_ints,
+                      "ints_equal": {"four": ints(four), "mixed": ints(mixed), "reduce": ints(reduce)},
                       "generation": int(mixed.state.es.generation), "reduce_rel": rel,
                       "moved": not np.array_equal(ref[0], run.checkpoint._to_host(run.make_setup(TINY).initial_state())[0])}))
 

@@ -277,6 +277,7 @@ def test_sharded_driver_matches_one_device_and_resumes_across_device_counts(tmp_
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["moved"], res
     assert res["four_rel"] <= 1e-5 and res["mixed_rel"] <= 1e-5, res
+    assert res["num_int_leaves"] >= 2 and all(res["ints_equal"].values()), res   # generation, key: exactly
     assert res["generation"] == 6
     assert res["reduce_rel"] <= 1e-5, res
     assert "not divisible by 3 devices" in res["indivisible"], res
