@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -128,7 +129,7 @@ def test_failed_restore_leaves_nothing_running(corrupt_runs, capfd, monkeypatch)
 # Ctrl-C at several points of a save (fractions of an uninterrupted save's time), in a child process: orbax's
 # background commit threads used to go on writing into the temporary folder being removed (ERROR logs, "Event loop
 # is closed", a stale ``.tmp-gen_*`` folder left behind).
-INTERRUPTED_SAVES = """import os, signal, sys, threading, time
+INTERRUPTED_SAVES = """import os, signal, sys, threading, time, traceback
 import jax, jax.numpy as jnp, numpy as np
 from esx.run import RunState, save_checkpoint
 from esx.run.config import RunConfig
@@ -149,18 +150,23 @@ run_dir = sys.argv[1]
 rng = np.random.default_rng(0)
 arrays = [rng.standard_normal((2000, 2000)).astype(np.float32) for _ in range(6)]
 state = lambda g: RunState(Es(jnp.int32(g), arrays), None, jax.random.key(0))
-t0 = time.perf_counter()
-save_checkpoint(run_dir, state(1), RunConfig(), "run")
-took = time.perf_counter() - t0
+save_checkpoint(run_dir, state(1), RunConfig(), "run")   # cold (imports, first orbax use): not timed
+times = []
+for g in (2, 3):
+    t0 = time.perf_counter()
+    save_checkpoint(run_dir, state(g), RunConfig(), "run")
+    times.append(time.perf_counter() - t0)
+took = min(times)
 interrupted = 0
-for i, frac in enumerate((0.1, 0.3, 0.5, 0.7, 0.9)):
+for i, frac in enumerate((0.1, 0.2, 0.3, 0.4, 0.5)):
     timer = threading.Timer(frac * took, os.kill, (os.getpid(), signal.SIGINT))
     try:
         timer.start()
-        save_checkpoint(run_dir, state(2 + i), RunConfig(), "run")
+        save_checkpoint(run_dir, state(4 + i), RunConfig(), "run")
         time.sleep(took)
-    except KeyboardInterrupt:
-        interrupted += 1
+    except KeyboardInterrupt as e:   # count only the interrupts that landed inside a save
+        if any(f.name == "save_checkpoint" for f in traceback.extract_tb(e.__traceback__)):
+            interrupted += 1
     timer.join()
 left = [p.name for p in (os.scandir(os.path.join(run_dir, "checkpoints"))) if p.name.startswith(".tmp")]
 alive = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
@@ -177,4 +183,5 @@ def test_interrupted_saves_leave_no_temporary_folder_thread_or_error(tmp_path):
     assert "Traceback" not in out.stderr and "ERROR" not in out.stderr and "Event loop is closed" not in out.stderr, \
         out.stderr
     assert "tmp left []; threads []" in out.stdout, out.stdout
-    assert "interrupted 0;" not in out.stdout, out.stdout
+    inside = int(re.search(r"interrupted (\d+);", out.stdout).group(1))
+    assert inside >= 3, out.stdout       # most of the five SIGINTs landed inside a save, and none left a trace
