@@ -671,3 +671,25 @@ def test_population_ablation_at_equal_time_and_generations():
         assert last["seconds"] >= 0.2 and last["generation"] >= 3
         assert all(math.isfinite(e["bpb"]) and 0 < e["bpb"] < 16 for e in r["evals"])
     assert records[0]["evals"][0]["bpb"] == records[1]["evals"][0]["bpb"]   # the same initial parameters
+
+
+def test_integer_thresholds_match_the_float_formula():
+    """docs/egg.md: weights move where ``|E| > z_{α_t/2} · v · √P`` (v ≈ 256 for the low-rank products, √v ≈ 16 for
+    full leaves). The integer thresholds (z and √P from tables, shifts) against the formula in floats, written
+    here from the normal quantile and the table's own variance: within 1% + 1 unit, for several α, decays,
+    generations and decided-pair counts."""
+    import statistics
+
+    nd = statistics.NormalDist()
+    var = float(np.mean(ie.normal_table().astype(np.float64) ** 2))
+    assert 240 < var < 272                                  # round(16 · N(0, 1)) has variance ≈ 256
+    for alpha, decay in ((0.05, 0.015), (0.3, 0.0), (0.01, 0.1)):
+        strat = ie.int_eggroll(population_size=64, alpha=alpha, alpha_decay=decay)
+        thresholds = jax.jit(ie._make_thresholds(strat.config))
+        for t in (0, 1, 100, 5000):
+            for decided in (1, 7, 32):
+                lowrank, full = (int(x) for x in thresholds(jnp.int32(t), jnp.int32(decided)))
+                z = nd.inv_cdf(1 - alpha / (decay * t + 1) / 2)
+                for got, v in ((lowrank, var), (full, math.sqrt(var))):
+                    want = z * v * math.sqrt(decided)
+                    assert abs(got - want) <= 0.01 * want + 1, (alpha, decay, t, decided, got, want)
