@@ -210,7 +210,8 @@ def write_markdown(path: str, summary: dict, methods: list[str], args: argparse.
     for name, row in summary.items():
         us_e = row.get("eggroll", {}).get("us_per_env_step")
         us_o = row.get("open_es", {}).get("us_per_env_step")
-        timing = f"{us_e:.1f} | {us_o:.1f} | {us_o / us_e:.2f}×" if us_e and us_o else "– | – | –"
+        timing = " | ".join(f"{u:.1f}" if u else "–" for u in (us_e, us_o))
+        timing += f" | {us_o / us_e:.2f}×" if us_e and us_o else " | –"
         lines.append(f"| {name} | " + " | ".join(fmt(row.get(m), True) for m in methods) + " | "
                      + ", ".join(fmt(row.get(m), False) for m in methods) + f" | {timing} |")
     if any(r.get("capped") for row in summary.values() for r in row.values()):

@@ -19,20 +19,27 @@ def table():
     return module
 
 
-def test_normalisation_by_ppo(table):
+def test_normalisation_by_ppo(table, tmp_path):
     cells = {}
     us = {"eggroll": [2.0, 4.0], "open_es": [6.0, 6.0], "ppo": [None, None]}
     for method, returns in {"eggroll": [300.0, 500.0], "open_es": [100.0, 100.0], "ppo": [200.0, 200.0]}.items():
         for seed, r in enumerate(returns):
             cells[f"cp|{method}|{seed}"] = {"config": "cp", "method": method, "seed": seed, "final_return": r,
                                             "us_per_env_step": us[method][seed]}
-    cells["pend|eggroll|0"] = {"config": "pend", "method": "eggroll", "seed": 0, "final_return": -150.0}
+    cells["pend|eggroll|0"] = {"config": "pend", "method": "eggroll", "seed": 0, "final_return": -150.0,
+                               "us_per_env_step": 5.0}
     cells["pend|ppo|0"] = {"config": "pend", "method": "ppo", "seed": 0, "final_return": -300.0}
     s = table.summarise(cells, ["cp", "pend"], ["eggroll", "open_es", "ppo"])
     assert s["cp"]["eggroll"]["mean"] == 400.0 and s["cp"]["eggroll"]["se"] == pytest.approx(100.0)
     assert s["cp"]["eggroll"]["norm_mean"] == pytest.approx(2.0) and s["cp"]["eggroll"]["norm_se"] == 0.5
     assert s["cp"]["open_es"]["norm_mean"] == pytest.approx(0.5) and s["cp"]["ppo"]["norm_mean"] == 1.0
     assert [s["cp"][m]["us_per_env_step"] for m in ("eggroll", "open_es", "ppo")] == [3.0, 6.0, None]
+    import argparse
+
+    md = table.write_markdown(str(tmp_path / "t.md"), s, ["eggroll", "open_es", "ppo"],
+                              argparse.Namespace(minutes=2.0, env_steps=None, seeds=2))
+    assert "| 3.0 | 6.0 | 2.00× |" in md        # µs per step of each ES method and OpenES / EGGROLL
+    assert md.splitlines()[-1].endswith("| 5.0 | – | – |")   # pend: EGGROLL's timing without OpenES's
     assert s["pend"]["eggroll"]["norm_mean"] == pytest.approx(1.5)      # half PPO's loss: better than PPO
     assert "open_es" not in s["pend"]
     # a cell of a seed beyond the table's seeds (e.g. from a longer earlier invocation) is not averaged in
