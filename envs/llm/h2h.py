@@ -591,10 +591,8 @@ def write_report(store: Store) -> tuple[Path, Path]:
     """``h2h.md`` (the table; then, where the ES cells' run folders are present, :func:`signal_table`) and
     ``h2h.png`` (the figure) next to the JSON."""
     md, png = store.out / "h2h.md", store.out / "h2h.png"
-    finished = {f"tune-{m}-{k}" for m, cells in store.data.get("tune", {}).items() for k, c in cells.items()
-                if c.get("done")}
-    finished |= {f"run-{m}-seed{k}" for m, cells in store.data.get("runs", {}).items() for k, c in cells.items()
-                 if c.get("done")}
+    finished = {c["key"] for section in ("tune", "runs") for cells in store.data.get(section, {}).values()
+                for c in cells.values() if c.get("done")}
     signal = signal_table(es_signal(store.out / "cells"), finished)
     md.write_text(markdown_table(store.data) + (f"\n{signal}" if signal else ""))
     plot(store.data, png)
@@ -602,5 +600,5 @@ def write_report(store: Store) -> tuple[Path, Path]:
 
 
 __all__ = ["Context", "context", "ESArm", "GRPOArm", "METHODS", "Progress", "SEARCH_SPACE", "Store", "default_settings",
-           "es_signal", "markdown_table", "signal_table", "mean_se", "parse_settings", "parse_spec", "plot", "run_cell", "sample_settings",
-           "thresholds", "trial_settings", "write_report"]
+           "es_signal", "markdown_table", "mean_se", "parse_settings", "parse_spec", "plot", "run_cell",
+           "sample_settings", "signal_table", "thresholds", "trial_settings", "write_report"]
