@@ -157,20 +157,24 @@ for g in (2, 3):
     save_checkpoint(run_dir, state(g), RunConfig(), "run")
     times.append(time.perf_counter() - t0)
 took = min(times)
-interrupted = 0
-for i, frac in enumerate((0.1, 0.2, 0.3, 0.4, 0.5)):
+interrupted, attempts, landed = 0, 0, []
+while interrupted < 3 and attempts < 15:   # until three SIGINTs landed inside a save (timing varies with load)
+    frac = (0.1, 0.2, 0.3, 0.4, 0.5)[attempts % 5]
     timer = threading.Timer(frac * took, os.kill, (os.getpid(), signal.SIGINT))
     try:
         timer.start()
-        save_checkpoint(run_dir, state(4 + i), RunConfig(), "run")
+        save_checkpoint(run_dir, state(4 + attempts), RunConfig(), "run")
         time.sleep(took)
     except KeyboardInterrupt as e:   # count only the interrupts that landed inside a save
-        if any(f.name == "save_checkpoint" for f in traceback.extract_tb(e.__traceback__)):
-            interrupted += 1
+        names = [f.name for f in traceback.extract_tb(e.__traceback__)]
+        interrupted += "save_checkpoint" in names
+        landed.append(names[-1])
     timer.join()
+    attempts += 1
 left = [p.name for p in (os.scandir(os.path.join(run_dir, "checkpoints"))) if p.name.startswith(".tmp")]
 alive = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
-print(f"took {took:.2f} s; interrupted {interrupted}; tmp left {left}; threads {alive}")
+print(f"took {took:.2f} s; landed in {landed}; interrupted {interrupted} of {attempts}; tmp left {left}; "
+      f"threads {alive}")
 """
 
 
@@ -183,5 +187,5 @@ def test_interrupted_saves_leave_no_temporary_folder_thread_or_error(tmp_path):
     assert "Traceback" not in out.stderr and "ERROR" not in out.stderr and "Event loop is closed" not in out.stderr, \
         out.stderr
     assert "tmp left []; threads []" in out.stdout, out.stdout
-    inside = int(re.search(r"interrupted (\d+);", out.stdout).group(1))
-    assert inside >= 3, out.stdout       # most of the five SIGINTs landed inside a save, and none left a trace
+    inside = int(re.search(r"interrupted (\d+) of", out.stdout).group(1))
+    assert inside >= 3, out.stdout       # three SIGINTs landed inside a save, and none left a trace

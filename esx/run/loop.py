@@ -135,7 +135,9 @@ def train(task, run_dir: str | os.PathLike | None = None, *, resume: bool = Fals
       plot_x: the horizontal axis of ``learning_curve.png``: ``"generation"`` or ``"wall_time"``.
 
     Returns:
-      :class:`Result`. A ``KeyboardInterrupt`` checkpoints the last completed generation and returns with
+      :class:`Result`. A ``KeyboardInterrupt`` checkpoints the last completed generation (the last whose records,
+      evaluation and checkpoint were all written: one that lands while a chunk's are being written saves the state
+      before the chunk, and the resume drops its partial records and runs it again) and returns with
       ``interrupted=True`` (SIGTERM, e.g. a scheduler's preemption, does the same); so does running out of
       ``config.minutes`` (``out_of_time=True``, after the final
       evaluation).
@@ -205,9 +207,6 @@ def train(task, run_dir: str | os.PathLike | None = None, *, resume: bool = Fals
             n = min(length, config.generations - state.generation)
             new_state, metrics = setup.run_chunk(state, n)
             m = jax.device_get(metrics)
-            # `state` stays the last state whose records, evaluation and checkpoint are all written until this
-            # chunk's are: a Ctrl-C in between saves that one, and the resume drops the chunk's partial records
-            # and runs it again (the same records, the same state)
             for rec in _train_records(setup, m, n, time.perf_counter() - t_start, totals):
                 best = max(best, rec[f"{setup.fitness_name}_max"])
                 emit(rec)
@@ -219,7 +218,7 @@ def train(task, run_dir: str | os.PathLike | None = None, *, resume: bool = Fals
             if config.checkpoint_every and gen % config.checkpoint_every == 0:
                 checkpoint(new_state)
                 last_ckpt = gen
-            state = new_state
+            state = new_state   # its records, evaluation and checkpoint are written: what a Ctrl-C saves
             if bar is not None:
                 post = {"best": f"{best:.4g}", "mean": f"{float(m.fitness_mean[-1]):.4g}"}
                 if last_eval is not None:
