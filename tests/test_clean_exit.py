@@ -147,6 +147,9 @@ class Es:
 
 
 run_dir = sys.argv[1]
+# Python leaves SIGINT ignored when its parent ignored it (a job started in the background by a script does):
+# install the KeyboardInterrupt handler explicitly, as an interactive terminal's Python has it
+signal.signal(signal.SIGINT, signal.default_int_handler)
 rng = np.random.default_rng(0)
 arrays = [rng.standard_normal((2000, 2000)).astype(np.float32) for _ in range(6)]
 state = lambda g: RunState(Es(jnp.int32(g), arrays), None, jax.random.key(0))
