@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -208,7 +209,7 @@ def train_main(argv: list[str] | None = None) -> int:
                            tensorboard=args.tensorboard, plot_x=args.plot_x)
     except (CheckpointError, FileExistsError, ImportError) as e:
         return _error(prog, str(e))
-    again = (f"esx train {args.config} {' '.join(args.overrides)} --run-dir {run_dir} --resume").replace("  ", " ")
+    again = shlex.join(["esx", "train", args.config, *args.overrides, "--run-dir", str(run_dir), "--resume"])
     if result.interrupted:
         print(f"stopped at generation {result.state.generation}; continue with: {again}")
         return 130

@@ -212,3 +212,61 @@ def test_learning_curve_target_line_and_wall_clock_axis(tmp_path, capsys):
     assert captured["hlines"] == [450.0] and path.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="valid axes"):
         run.plot_learning_curve(run_dir, setup=setup, x="seconds")
+
+
+def _train_until_interrupted(cmd, run_dir: Path, records: int, cwd: Path) -> tuple[subprocess.CompletedProcess, int]:
+    """Runs ``cmd`` (an ``esx train``) in a fresh process, sends it SIGINT once ``metrics.jsonl`` holds ``records``
+    train records beyond what it held at the start, and returns the finished process and the count at the signal."""
+    import json
+    import signal
+    import time
+
+    def count():
+        path = run_dir / "metrics.jsonl"
+        if not path.exists():
+            return 0
+        return sum(json.loads(line)["kind"] == "train" for line in path.read_text().splitlines() if line.strip())
+
+    start = count()
+    # SIGINT at its default, as in a terminal: a job started in the background (CI) would hand it down ignored
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 240
+    while count() < start + records and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    at = count()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), at
+
+
+def test_ctrl_c_checkpoints_and_the_printed_command_continues_the_run(tmp_path):
+    """A real SIGINT to ``esx train`` (a fresh process): exit status 130, no traceback, one line naming the
+    generation it stopped at and a command that, run as printed (quoted for the shell: the run directory has a
+    space), continues from that generation; every generation is logged once across the two segments."""
+    import json
+    import shlex
+
+    run_dir = tmp_path / "my run"
+    overrides = [o for o in TINY_OVERRIDES if not o.startswith(("generations=", "checkpoint_every=", "chunk="))]
+    overrides += ["generations=100000", "chunk=1", "checkpoint_every=1", "name=tiny run"]
+    cli_cmd = [sys.executable, "-m", "esx_envs.cli"]
+    first, at = _train_until_interrupted([*cli_cmd, "train", "cartpole", *overrides, "--run-dir", str(run_dir),
+                                          "--no-progress"], run_dir, 3, tmp_path)
+    assert first.returncode == 130, first.stderr
+    assert "Traceback" not in first.stderr and at >= 3
+    line = next(x for x in first.stdout.splitlines() if x.startswith("stopped at generation "))
+    stopped = int(line.split()[3].rstrip(";"))
+    again = shlex.split(line.split("continue with: ", 1)[1])
+    assert again[:3] == ["esx", "train", "cartpole"] and again[again.index("--run-dir") + 1] == str(run_dir)
+    assert "name=tiny run" in again and again[-1] == "--resume"
+    # the checkpoint holds every generation fully logged before the signal (chunk=1: a generation whose train record
+    # was written but whose evaluation was not is rerun on resume, its record dropped)
+    assert stopped >= at - 1
+    second, _ = _train_until_interrupted([*cli_cmd, *again[1:], "--no-progress"], run_dir, 2, tmp_path)
+    assert second.returncode == 130 and "Traceback" not in second.stderr, second.stderr
+    assert f"at generation {stopped}" in second.stdout + second.stderr
+    gens = [json.loads(x)["generation"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if x.strip() and json.loads(x)["kind"] == "train"]
+    assert gens == list(range(1, len(gens) + 1)) and len(gens) > stopped

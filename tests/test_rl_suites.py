@@ -250,6 +250,19 @@ def test_the_sixteen_paper_configs_are_named_with_the_papers_settings():
 _SLOW_BUILD = {"brax-ant", "brax-humanoid", "craftax-symbolic", "kinetix-hard-pinball", "kinetix-thrust-left"}
 
 
+#: (flat observation size, number of actions or action dimensions) of each suite's environment, written out from the
+#: suites' documentation of their spaces (Brax Ant 27 / 8, Humanoid 244 / 17; Craftax Classic 1345 / 17, full 8268 /
+#: 43; Jumanji observations flattened: 2048 board 16 + action mask 4, Knapsack 4 x 50 items, Snake 12 x 12 x 5 grid +
+#: step count + action mask 4; Navix's symbolic grid, 3 channels per cell). Kinetix is not installable here (docs/rl.md):
+#: its adapter's shapes are checked only by its parity test, where it is installed.
+_SPACES = {
+    "paper-cartpole": (4, 2), "paper-pendulum": (3, 1), "brax-ant": (27, 8), "brax-humanoid": (244, 17),
+    "brax-idp": (8, 1), "craftax-classic": (1345, 17), "craftax-symbolic": (8268, 43), "jumanji-2048": (20, 4),
+    "jumanji-knapsack": (200, 50), "jumanji-snake": (725, 4), "navix-doorkey": (8 * 8 * 3, 7),
+    "navix-dynamic-obstacles": (6 * 6 * 3, 7), "navix-fourrooms": (19 * 19 * 3, 7),
+}
+
+
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_BUILD else n
                                   for n in sorted(PAPER_CONFIGS)])
 def test_paper_config_builds_its_adapter_and_policy(name):
@@ -263,6 +276,8 @@ def test_paper_config_builds_its_adapter_and_policy(name):
     policy = rl.Policy.for_adapter(adapter, width=cfg.width, depth=cfg.depth, layer_norm=cfg.layer_norm,
                                    action_std=cfg.action_std, form=cfg.policy_form)
     params = policy.init(jax.random.key(0))
+    if name in _SPACES:
+        assert (adapter.observation_shape, adapter.action_dim) == ((_SPACES[name][0],), _SPACES[name][1]), name
     out = policy(params, jnp.ones(adapter.observation_shape, jnp.float32))
     assert out.shape == (adapter.action_dim,) and bool(jnp.all(jnp.isfinite(out)))
     assert adapter.action_kind == ("continuous" if cfg.env.startswith("brax:") or cfg.env == "Pendulum-v1"
