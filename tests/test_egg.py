@@ -7,6 +7,7 @@ import math
 import os
 import pathlib
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,6 +80,49 @@ def test_noise_is_deterministic_in_key_generation_and_pair():
     # marginal ~ round(16 N(0,1))
     big = np.asarray(ie.int_noise(jax.random.key(0), (200_000,), jnp.asarray(ie.normal_table())), np.float64)
     assert abs(big.mean()) < 0.2 and abs(big.std() - 16.0) < 0.2
+
+
+def _fmix32_np(x):
+    """MurmurHash3's 32-bit finaliser in NumPy (uint64 arithmetic, masked), the reference for esx.noise.fmix32."""
+    x = x.astype(np.uint64)
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & 0xFFFFFFFF
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def test_noise_follows_the_documented_formula():
+    """esx/int_eggroll.py's docstring, recomputed in NumPy: ``NORMAL_TABLE[u] = round(16 Φ⁻¹((u + ½) / 65536))``
+    clipped to ±127 (SciPy's quantile function), and entry ``j`` of a pair's draw is ``NORMAL_TABLE[h(k, j) >> 16]``
+    with ``h(k, j) = fmix32(fmix32(j·φ + k0) ^ k1)``, ``k = member_key(key, leaf path, generation, pair,
+    noise_reuse)``; a matrix's ``A`` and ``B`` are the first ``m`` and last ``n`` rows of one ``[m + n, r]`` draw."""
+    from scipy.stats import norm
+
+    table = ie.normal_table()
+    u = np.arange(65536)
+    np.testing.assert_array_equal(table, np.clip(np.rint(16 * norm.ppf((u + 0.5) / 65536)), -127, 127))
+    m, n, r = 5, 3, 2
+    params = {"w": jnp.zeros((m, n), jnp.int8), "b": jnp.zeros((4,), jnp.int8)}
+    strat = ie.int_eggroll(population_size=6, rank=r, noise_reuse=2)
+    state = strat.init(jax.random.key(11), params).replace(generation=jnp.int32(5))
+    pop = strat.ask(state)
+
+    def draw(path, pair, shape):
+        k0, k1 = np.asarray(jax.random.key_data(
+            esx.noise.member_key(state.key, path, state.generation, pair, 2))).reshape(-1)[:2].astype(np.uint64)
+        j = np.arange(int(np.prod(shape)), dtype=np.uint64)
+        h = _fmix32_np(_fmix32_np((j * 0x9E3779B9 + k0) & 0xFFFFFFFF) ^ k1)
+        return table[(h >> 16).astype(np.int64)].reshape(shape)
+
+    for pair in range(3):
+        ab = draw("w", pair, (m + n, r))
+        np.testing.assert_array_equal(pop.noise[1][0][pair], ab[:m])       # leaves sorted: "b", "w"
+        np.testing.assert_array_equal(pop.noise[1][1][pair], ab[m:])
+        np.testing.assert_array_equal(pop.noise[0][pair], draw("b", pair, (4,)))
+    # generation // noise_reuse: generation 4 draws what 5 does, 6 does not
+    chex.assert_trees_all_equal(strat.ask(state.replace(generation=jnp.int32(4))).noise, pop.noise)
+    assert not np.array_equal(strat.ask(state.replace(generation=jnp.int32(6))).noise[0], pop.noise[0])
 
 
 def test_antithetic_members_are_exact_opposites():
