@@ -11,7 +11,9 @@ Each member's correction needs ``x_t·a`` and ``h·a`` with its pair's factor ``
 * ``matrix``: ``(x @ a) @ bᵀ`` (the matrix form with ``a: [m, 1]``);
 
 each with ``member_order`` ``signs_outer`` (the default) and ``pairs_outer``, and with the member view used as it
-is (``plain``) or resolved once by ``esx.prepare`` before the time loop (``prepared``). Every form's fitness is
+is (``plain``) or resolved once by ``esx.prepare`` before the time loop (``prepared``). ``--hoisted`` adds the same
+RNN written with its input projection ``x_t W_x + b`` computed for all steps before the loop (:func:`rnn_hoisted`,
+the usual GPU form), inference and the engine's form, named ``hoisted/...``; ``--batches`` sets the member batches. Every form's fitness is
 checked against the engine's default first (float32 rounding), then all are timed in interleaved rounds; the ratio
 is the fastest inference form of each round (whole batch or chunked like ``member_batch``) / the form's time, the
 median over rounds (as ``esx bench``).
@@ -69,14 +71,32 @@ def unprepared_rnn(params, xs):
         bench.esx.prepare = saved
 
 
+def rnn_hoisted(params, xs):
+    """The bench's RNN with the input projection of every step computed before the time loop (the same function)."""
+    params = esx.prepare(params)
+    wo = esx.value(params["wo"])
+    xw = esx.dense(xs, params["wx"]) + esx.value(params["b"])      # [T, width]
+
+    def step(h, u):
+        h = jnp.tanh(u + esx.dense(h, params["wh"]))
+        return h, jnp.dot(h, wo)
+
+    _, ys = jax.lax.scan(step, jnp.zeros(np.shape(params["b"]), xs.dtype), xw)
+    return jnp.mean(ys)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
     p.add_argument("--json", default=None)
+    p.add_argument("--batches", default=None, help="comma-separated member batches (default 512,1024)")
+    p.add_argument("--hoisted", action="store_true", help="also the RNN with its input projection hoisted")
     args = p.parse_args(argv)
     width, d_in, steps, pop = (32, 8, 8, 64) if args.quick else (512, 64, 64, 2048)
     batches = (16,) if args.quick else (512, 1024)
+    if args.batches:
+        batches = tuple(int(b) for b in args.batches.split(","))
     params = bench.rnn_params(jax.random.key(0), width=width, d_in=d_in)
     data = jax.random.normal(jax.random.key(2), (pop, steps, d_in), jnp.float32)
 
@@ -104,15 +124,27 @@ def main(argv=None) -> dict:
                         fns[f"{form}/{view}/{order}/member_batch {k}"] = (lambda f=f, st=state: f(st, data))
     finally:
         ops._row_lowrank = engine_row
+    if args.hoisted:
+        hoisted = jax.jit(lambda p, d: jax.vmap(lambda x: rnn_hoisted(p, x))(d)).lower(params, data).compile()
+        fns["hoisted/inference"] = lambda: hoisted(params, data)
+        for k in batches:
+            chunked = bench._chunked_inference(rnn_hoisted, k).lower(params, data).compile()
+            fns[f"hoisted/inference/chunk {k}"] = (lambda c=chunked: c(params, data))
+            strategy = bench._strategy(population_size=pop, rank=1, source="hash", member_batch=k,
+                                       member_order="pairs_outer")
+            state = strategy.init(jax.random.key(0), params)
+            f = jax.jit(lambda st, d, s=strategy: s.evaluate(st, bench._fitness(rnn_hoisted), jax.random.key(1), d,
+                                                             data_per_group=True)).lower(state, data).compile()
+            fns[f"hoisted/dot/prepared/pairs_outer/member_batch {k}"] = (lambda f=f, st=state: f(st, data))
     reference = np.asarray(fns[f"dot/prepared/signs_outer/member_batch {batches[0]}"]())
     for name, fn in fns.items():
-        if not name.startswith("inference"):
+        if "inference" not in name:
             diff = float(np.max(np.abs(np.asarray(fn()) - reference)))
             assert diff <= 1e-5 * max(1.0, float(np.max(np.abs(reference)))), (name, diff)
     load_start = os.getloadavg()
     times = bench.time_interleaved(fns, repeats=args.repeats)
     load_end = os.getloadavg()
-    inference_names = [k for k in times if k.startswith("inference")]
+    inference_names = [k for k in times if k.startswith(("inference", "hoisted/inference"))]
     best = np.array([min(times[k][r] for k in inference_names) for r in range(args.repeats)])
     out = {"load_start": load_start, "load_end": load_end, "repeats": args.repeats, "forms": {}}
     print(f"load average at the start {load_start[0]:.2f}, at the end {load_end[0]:.2f}")

@@ -139,11 +139,19 @@ def test_b1b_forms_script_checks_every_form_against_the_engine():
     import importlib.util
     from pathlib import Path
 
+    import jax
+    import numpy as np
+
     path = Path(__file__).resolve().parents[1] / "scripts" / "b1b_forms.py"
     spec = importlib.util.spec_from_file_location("b1b_forms", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    out = module.main(["--quick", "--repeats", "1"])
+    out = module.main(["--quick", "--repeats", "1", "--hoisted"])
     forms = out["forms"]
-    assert len(forms) == 2 + 4 + 2 + 2 and all(f["median_s"] > 0 and f["ratio"] > 0 for f in forms.values())
-    assert {"dot/plain/pairs_outer/member_batch 16", "mulred/prepared/pairs_outer/member_batch 16"} <= set(forms)
+    assert len(forms) == 2 + 4 + 2 + 2 + 3 and all(f["median_s"] > 0 and f["ratio"] > 0 for f in forms.values())
+    assert {"dot/plain/pairs_outer/member_batch 16", "mulred/prepared/pairs_outer/member_batch 16",
+            "hoisted/inference/chunk 16", "hoisted/dot/prepared/pairs_outer/member_batch 16"} <= set(forms)
+    # the hoisted RNN is the same function as the bench's
+    params = module.bench.rnn_params(jax.random.key(0), width=8, d_in=3)
+    xs = jax.random.normal(jax.random.key(1), (5, 3))
+    np.testing.assert_allclose(module.rnn_hoisted(params, xs), module.bench.rnn_forward(params, xs), rtol=1e-5)
