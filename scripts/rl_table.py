@@ -68,11 +68,23 @@ def load_cells(path: str, args: argparse.Namespace | None = None) -> dict:
 
 
 def save_cells(path: str, cells: dict, args: argparse.Namespace) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"budget_env_steps": args.env_steps, "budget_minutes": args.minutes, "cells": list(cells.values())},
-                  f, indent=1)
-    os.replace(tmp, path)
+    """Writes ``cells`` merged with what ``path`` holds now (another table process sharing ``--out`` may have added
+    cells since this one read it: theirs are kept, and added to ``cells``), under an exclusive lock on
+    ``path + ".lock"`` where the platform has ``fcntl``, through a temporary file and an atomic rename."""
+    try:
+        import fcntl
+    except ImportError:         # not Unix: no lock (one process per --out)
+        fcntl = None
+    with open(path + ".lock", "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        for key, cell in load_cells(path, args).items():
+            cells.setdefault(key, cell)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"budget_env_steps": args.env_steps, "budget_minutes": args.minutes,
+                       "cells": list(cells.values())}, f, indent=1)
+        os.replace(tmp, path)
 
 
 def es_config(name: str, method: str, seed: int, args: argparse.Namespace):

@@ -115,3 +115,24 @@ def test_rl_grad_snr_script_estimates_have_the_same_scale_for_both_strategies():
     assert set(leaves) >= {"['hidden'][0]['w']", "['out']['w']"}
     total = {s: math.sqrt(sum(row[s]["norm"] ** 2 for row in leaves.values())) for s in ("eggroll", "open_es")}
     assert 0.7 < total["eggroll"] / total["open_es"] < 1.4, total
+
+
+def test_two_table_processes_sharing_out_keep_each_others_cells(table, tmp_path):
+    """Two invocations that read cells.json before either wrote (e.g. PPO cells in one process, ES cells in another):
+    each save merges with the file, so no cell is lost and the later writer's own cells win only for its own keys."""
+    import argparse
+
+    args = argparse.Namespace(minutes=2.0, env_steps=None)
+    path = str(tmp_path / "cells.json")
+    cell = lambda c, m, r: {"config": c, "method": m, "seed": 0, "final_return": r}  # noqa: E731
+    table.save_cells(path, {"a|eggroll|0": cell("a", "eggroll", 1.0)}, args)
+    first, second = table.load_cells(path, args), table.load_cells(path, args)   # both read the same state
+    first["a|ppo|0"] = cell("a", "ppo", 2.0)
+    table.save_cells(path, first, args)
+    second["b|eggroll|0"] = cell("b", "eggroll", 3.0)
+    table.save_cells(path, second, args)
+    on_disk = table.load_cells(path, args)
+    assert set(on_disk) == {"a|eggroll|0", "a|ppo|0", "b|eggroll|0"} and on_disk["a|ppo|0"]["final_return"] == 2.0
+    assert "a|ppo|0" in second            # the second process now sees the first one's cell (PPO's step budget)
+    with pytest.raises(SystemExit, match="budget"):  # a file of another budget is never merged into
+        table.save_cells(path, {}, argparse.Namespace(minutes=None, env_steps=1000))
