@@ -235,3 +235,18 @@ def test_es_signal_counts_tied_generations_from_the_cells_metrics(tmp_path):
            "sigma=0.0008 | 4 | 2 (50%) | 69% | 2.00 |" in table
     assert "| tune-es-0 |  | 1 | 0 (0%) | 0% | 8.00 |" in table
     assert h2h.signal_table([]) == ""
+
+
+def test_mean_curve_matches_the_seeds_evaluations_by_index():
+    """Seeds cross each budget threshold a step apart; the mean curve pairs their k-th evaluations (the final one of
+    each seed included), not whatever each seed held at the earliest seed's x."""
+    rec = lambda tp, w, acc: {"token_passes": tp, "wall_s": w, "val_accuracy": acc}   # noqa: E731
+    cells = [{"records": [rec(0, 0, 0.32), rec(110_148, 280, 0.45), rec(550_692, 1560, 0.72)]},
+             {"records": [rec(0, 0, 0.32), rec(109_900, 300, 0.31), rec(547_684, 2860, 0.73)]},
+             {"records": [rec(0, 0, 0.32), rec(111_000, 290, 0.44), rec(550_328, 2060, 0.71), rec(600_000, 2100, 0.9)]}]
+    x, y = h2h.curves(cells, "token_passes")
+    np.testing.assert_allclose(x, [0, (110_148 + 109_900 + 111_000) / 3, (550_692 + 547_684 + 550_328) / 3])
+    np.testing.assert_allclose(y, [0.32, (0.45 + 0.31 + 0.44) / 3, 0.72])
+    x, y = h2h.curves(cells, "wall_s")
+    np.testing.assert_allclose(x, [0, 290, (1560 + 2860 + 2060) / 3])
+    np.testing.assert_allclose(y[-1], 0.72)

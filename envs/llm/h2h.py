@@ -505,15 +505,16 @@ def markdown_table(data: dict) -> str:
 
 
 def curves(cells: list[dict], x: str) -> tuple[np.ndarray, np.ndarray]:
-    """The mean curve of several seeds against ``x`` (``"token_passes"`` or ``"wall_s"``): at every ``x`` at which
-    some seed evaluated (up to the smallest final ``x`` among the seeds), the mean over seeds of each seed's latest
-    validation accuracy at or before it (seeds need not evaluate at the same points)."""
-    series = [(np.array([r[x] for r in c["records"]], float), np.array([r["val_accuracy"] for r in c["records"]],
-                                                                         float)) for c in cells]
-    end = min(xs[-1] for xs, _ in series)
-    grid = np.unique(np.concatenate([xs[xs <= end] for xs, _ in series]))
-    ys = [acc[np.searchsorted(xs, grid, side="right") - 1] for xs, acc in series]
-    return grid, np.mean(ys, axis=0)
+    """The mean curve of several seeds against ``x`` (``"token_passes"`` or ``"wall_s"``): point ``k`` is the mean
+    validation accuracy of the seeds' ``k``-th evaluations (the base model's, then one at each threshold of the
+    budget, where every seed evaluates) at the mean of their ``x``; up to the fewest evaluations among the seeds.
+
+    Seeds cross a threshold a step apart (the final evaluations of three GRPO seeds fell at 547 684, 550 328 and
+    550 692 token-passes for a budget of 545 012), so points are matched by their index, not by ``x``."""
+    n = min(len(c["records"]) for c in cells)
+    xs = np.array([[r[x] for r in c["records"][:n]] for c in cells], float)
+    ys = np.array([[r["val_accuracy"] for r in c["records"][:n]] for c in cells], float)
+    return xs.mean(axis=0), ys.mean(axis=0)
 
 
 def plot(data: dict, path: Path) -> None:
